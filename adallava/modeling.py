@@ -1,0 +1,557 @@
+"""AdaLlavaForConditionalGeneration: transformers' LLaVA with a latency encoder, a scheduler and gated decoder layers.
+
+The whole forward pass is in this file (transformers' single-model-file policy). Data flow (DESIGN.md):
+
+    ids + pixels -> embeddings with image features -> latency token inserted (spec 1.4) -> prefix layers
+    -> scheduler reads the latency token -> execution plan, fixed for the request -> gated layers -> norm -> lm_head
+
+The decoder loop is ours (spec 9.2): it reuses each Llama-style layer's weights (Llama/Vicuna, Mistral, Qwen2) and
+runs them in one of two ways:
+  * mask: every layer runs on every row; switches multiply head outputs before o_proj and neuron groups before
+    down_proj. Training always masks, so the straight-through gradient exists and all data-parallel ranks run the
+    same modules.
+  * skip: at inference, a layer that a row does not use is not run for that row (no compute, no KV cache), and a
+    partly used layer runs on weights sliced to its kept heads and neuron groups. Rows of a batch are grouped by the
+    plan they share for each layer, so a batch may mix budgets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from . import budget as budgets
+from . import cost
+from .config import AdaLlavaConfig
+from .scheduler import LatencyEncoder, Scheduler
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class AdaLlavaOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    execution_plan: torch.Tensor | None = None  # [B, num_layers]: fraction of each layer's units that ran
+    plan: torch.Tensor | None = None  # [B, schedulable layers, 2, heads]: the switches (with ST gradients in training)
+    budget: torch.Tensor | None = None  # [B]
+    latency_token_position: torch.Tensor | None = None  # [B]
+    labels: torch.Tensor | None = None  # labels aligned with logits (latency token inserted, IGNORE there)
+
+
+@dataclass
+class AdaLlavaGenerateOutput(ModelOutput):
+    sequences: torch.LongTensor | None = None  # prompt ids as given + generated ids
+    execution_plan: torch.Tensor | None = None  # [B, num_layers]
+    flops: torch.Tensor | None = None  # [B] analytic FLOPs of each request (prefill + decode), float64
+    budget: torch.Tensor | None = None  # [B]
+    num_generated: torch.Tensor | None = None  # [B] tokens generated, EOS included
+    plan: torch.Tensor | None = None
+    timings: dict | None = None  # measured wall-clock seconds: prefill, decode (whole batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights of one layer as run for one group of rows: full, or sliced to kept heads / neuron groups.
+
+
+@dataclass
+class _LayerWeights:
+    q_w: torch.Tensor | None
+    q_b: torch.Tensor | None
+    k_w: torch.Tensor | None
+    k_b: torch.Tensor | None
+    v_w: torch.Tensor | None
+    v_b: torch.Tensor | None
+    o_w: torch.Tensor | None
+    o_b: torch.Tensor | None
+    g_w: torch.Tensor | None
+    g_b: torch.Tensor | None
+    u_w: torch.Tensor | None
+    u_b: torch.Tensor | None
+    d_w: torch.Tensor | None
+    d_b: torch.Tensor | None
+    n_q: int  # query heads that run (0: attention skipped)
+    n_kv: int  # key/value heads computed
+    kv_map: torch.Tensor | None  # for each query head, its K/V head among the computed ones (None: identity)
+
+
+def _full_weights(layer, n_rep: int) -> _LayerWeights:
+    a, m = layer.self_attn, layer.mlp
+    n_q = a.q_proj.weight.shape[0] // a.head_dim
+    n_kv = a.k_proj.weight.shape[0] // a.head_dim
+    kv_map = None if n_rep == 1 else torch.arange(n_q, device=a.q_proj.weight.device) // n_rep
+    return _LayerWeights(
+        a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
+        a.o_proj.weight, a.o_proj.bias, m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias,
+        m.down_proj.weight, m.down_proj.bias, n_q, n_kv, kv_map,
+    )  # fmt: skip
+
+
+def _rows(w: torch.Tensor | None, idx: torch.Tensor, block: int) -> torch.Tensor | None:
+    """Rows idx*block .. idx*block+block-1 of w (output features of a head / a neuron)."""
+    if w is None:
+        return None
+    return w.view(-1, block, *w.shape[1:])[idx].reshape(-1, *w.shape[1:])
+
+
+def _sliced_weights(layer, heads_on: torch.Tensor, groups_on: torch.Tensor, n_rep: int, neuron_groups) -> _LayerWeights:
+    """Weights for a layer that runs only the heads and MLP neuron groups switched on.
+
+    A query head always runs with its key/value head (grouped-query attention): the K/V heads computed are those of
+    the kept query heads, and kv_map points each kept query head at its own.
+    """
+    a, m = layer.self_attn, layer.mlp
+    d = a.head_dim
+    q_heads = heads_on.nonzero().flatten()
+    kv_heads = torch.unique(q_heads // n_rep)
+    kv_map = torch.searchsorted(kv_heads, q_heads // n_rep)
+    neurons = torch.cat([neuron_groups[g] for g in groups_on.nonzero().flatten().tolist()]) if groups_on.any() else None
+    o_w = a.o_proj.weight.view(a.o_proj.weight.shape[0], -1, d)[:, q_heads].reshape(a.o_proj.weight.shape[0], -1)
+    return _LayerWeights(
+        _rows(a.q_proj.weight, q_heads, d), _rows(a.q_proj.bias, q_heads, d),
+        _rows(a.k_proj.weight, kv_heads, d), _rows(a.k_proj.bias, kv_heads, d),
+        _rows(a.v_proj.weight, kv_heads, d), _rows(a.v_proj.bias, kv_heads, d),
+        o_w.contiguous(), a.o_proj.bias,
+        None if neurons is None else m.gate_proj.weight[neurons], None if neurons is None or m.gate_proj.bias is None else m.gate_proj.bias[neurons],
+        None if neurons is None else m.up_proj.weight[neurons], None if neurons is None or m.up_proj.bias is None else m.up_proj.bias[neurons],
+        None if neurons is None else m.down_proj.weight[:, neurons].contiguous(), m.down_proj.bias,
+        int(q_heads.numel()), int(kv_heads.numel()), kv_map,
+    )  # fmt: skip
+
+
+@dataclass
+class _Group:
+    """Rows of the batch that run one layer the same way, with their KV cache for that layer."""
+
+    rows: torch.Tensor | None  # None: every row of the batch
+    weights: _LayerWeights
+    k: torch.Tensor | None = None  # [rows, n_kv, capacity, head_dim]
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeState:
+    """What a request keeps between decode steps: its plan, its row groups per layer and their KV caches.
+
+    The plan is computed once at prefill and fixed for the whole request (spec 2.4); skipped layers hold no cache.
+    """
+
+    capacity: int
+    key_valid: torch.Tensor  # [B, capacity] bool: slot holds a real (non-padding) token
+    length: int = 0  # slots filled
+    plan: torch.Tensor | None = None
+    groups: dict[int, list[_Group]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = AdaLlavaConfig
+    config: AdaLlavaConfig
+
+    def __init__(self, config: AdaLlavaConfig):
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.latency_encoder = LatencyEncoder(hidden, config.latency_embed_dim)
+        self.scheduler = Scheduler(hidden, config.num_schedulable_layers, config.num_switches, config.granularity)
+        for module in (self.latency_encoder, self.scheduler):
+            module.apply(self._init_weights)
+        text = config.text_config
+        self._n_rep = text.num_attention_heads // text.num_key_value_heads
+        # MLP neuron groups: as many as heads, contiguous; the first (I mod G) groups hold one extra neuron (spec 1.6).
+        sizes = torch.tensor_split(torch.arange(text.intermediate_size), config.num_switches)
+        self._neuron_group_sizes = [len(s) for s in sizes]
+        self._neuron_groups_cpu = list(sizes)
+
+    # ---------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_llava(cls, model_or_path, granularity: str = "layer", num_prefix_layers: int | None = None, **kwargs):
+        """Wrap a plain LLaVA (a llava-hf checkpoint directory or a LlavaForConditionalGeneration) with a freshly
+        initialised latency encoder and scheduler. Extra keyword arguments are AdaLlavaConfig fields, or, for a path,
+        from_pretrained arguments (torch_dtype, device_map, ...)."""
+        ada_fields = {"group_size", "gumbel_tau", "latency_embed_dim"}
+        ada_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ada_fields}
+        if isinstance(model_or_path, LlavaForConditionalGeneration):
+            base_config = model_or_path.config
+        else:
+            base_config = AutoConfig.from_pretrained(model_or_path)
+        config_dict = base_config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            config_dict.pop(key, None)
+        config = AdaLlavaConfig(
+            **config_dict, granularity=granularity, num_prefix_layers=num_prefix_layers, **ada_kwargs
+        )
+        if not isinstance(model_or_path, LlavaForConditionalGeneration):
+            return cls.from_pretrained(model_or_path, config=config, **kwargs)
+        model = cls(config).to(device=model_or_path.device, dtype=model_or_path.dtype)
+        missing, unexpected = model.load_state_dict(model_or_path.state_dict(), strict=False)
+        ours = ("latency_encoder.", "scheduler.")
+        missing = [k for k in missing if not k.startswith(ours)]
+        if missing or unexpected:
+            raise ValueError(f"not a LLaVA this model can wrap: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    # ---------------------------------------------------------------------------------------------- inputs
+
+    @property
+    def _layers(self):
+        return self.model.language_model.layers
+
+    def embed_inputs(self, input_ids=None, pixel_values=None, inputs_embeds=None, image_sizes=None):
+        """Text embeddings with the projected image features scattered into the `<image>` positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            feats = self.model.get_image_features(
+                pixel_values=pixel_values.to(self.dtype), image_sizes=image_sizes, return_dict=True
+            ).pooler_output
+            feats = torch.cat(list(feats), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            where = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=feats)
+            inputs_embeds = inputs_embeds.masked_scatter(where, feats)
+        return inputs_embeds
+
+    def latency_token(self, budget: torch.Tensor) -> torch.Tensor:
+        """[B] budgets -> [B, hidden] latency-token embeddings."""
+        return self.latency_encoder(budgets.encoder_input(budget, self.config))
+
+    @staticmethod
+    def insert_latency_token(embeds, attention_mask, labels, latency_embeds):
+        """Insert one latency token per row (spec 1.4): right after the last IGNORE label among real tokens (before the
+        final answer) in training, at the end of the prompt when there are no labels. Returns embeds, mask, labels
+        (IGNORE at the token) and the token's position, all with sequence length T + 1."""
+        B, T, D = embeds.shape
+        idx = torch.arange(T, device=embeds.device)
+        if labels is None:
+            pos = torch.full((B,), T, device=embeds.device, dtype=torch.long)
+        else:
+            ignore = (labels == IGNORE_INDEX) & attention_mask.bool()
+            pos = torch.where(ignore, idx, -1).max(-1).values + 1
+        j = torch.arange(T + 1, device=embeds.device)[None]
+        src = (j - (j > pos[:, None]).long()).clamp(max=T - 1)
+        is_lat = j == pos[:, None]
+        out = embeds.gather(1, src[..., None].expand(-1, -1, D))
+        out = torch.where(is_lat[..., None], latency_embeds[:, None].to(out.dtype), out)
+        mask = attention_mask.gather(1, src).masked_fill(is_lat, 1)
+        new_labels = None if labels is None else labels.gather(1, src).masked_fill(is_lat, IGNORE_INDEX)
+        return out, mask, new_labels, pos
+
+    def resolve_budget(self, budget, batch_size: int) -> torch.Tensor:
+        """Validated budgets [B] (float64). In training with no budget given: one random step per sample (spec 2.5);
+        at inference with no budget: the full model."""
+        if budget is None:
+            if self.training:
+                return budgets.sample_training_budgets(batch_size, self.config)
+            budget = 1.0
+        return budgets.validate_budget(budget, batch_size, self.config)
+
+    # ---------------------------------------------------------------------------------------------- decoder loop
+
+    def _attention_masks(self, key_valid, q_slots, n_keys):
+        """Boolean [B, 1, Tq, n_keys] masks (full causal, and sliding-window if the model has one): causal over slot
+        indices, no padding keys. Every query may attend to itself, so padding queries never see an empty row (which
+        would put NaN into the residual stream)."""
+        k_slots = torch.arange(n_keys, device=key_valid.device)
+        causal = k_slots[None, :] <= q_slots[:, None]
+        diag = k_slots[None, :] == q_slots[:, None]
+        valid = key_valid[:, None, :n_keys]
+        masks = {None: ((causal[None] & valid) | diag[None])[:, None]}
+        text = self.config.text_config
+        window = getattr(text, "sliding_window", None)
+        if window and getattr(text, "use_sliding_window", True):
+            near = k_slots[None, :] > q_slots[:, None] - window
+            masks[window] = ((causal[None] & near[None] & valid) | diag[None])[:, None]
+        return masks
+
+    def _layer_window(self, i):
+        text = self.config.text_config
+        window = getattr(text, "sliding_window", None)
+        if not window or not getattr(text, "use_sliding_window", True):
+            return None
+        layer_types = getattr(text, "layer_types", None)
+        if layer_types is not None and layer_types[i] != "sliding_attention":
+            return None
+        return window
+
+    def _run_layer(self, layer, w: _LayerWeights, h, cos, sin, mask, group=None, slot=0, head_mask=None, mlp_mask=None):
+        """One Llama-style decoder layer on h [b, T, D]. head_mask [b, H] / mlp_mask [b, G]: training-style switches
+        (mask mode); w: full or sliced weights (skip mode); group: holds this layer's KV cache for these rows."""
+        attn = layer.self_attn
+        d = attn.head_dim
+        b, T, _ = h.shape
+        if w.n_q:
+            x = layer.input_layernorm(h)
+            q = F.linear(x, w.q_w, w.q_b).view(b, T, w.n_q, d).transpose(1, 2)
+            k = F.linear(x, w.k_w, w.k_b).view(b, T, w.n_kv, d).transpose(1, 2)
+            v = F.linear(x, w.v_w, w.v_b).view(b, T, w.n_kv, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if group is not None and group.k is not None:
+                group.k[:, :, slot : slot + T] = k
+                group.v[:, :, slot : slot + T] = v
+                k, v = group.k[:, :, : slot + T], group.v[:, :, : slot + T]
+            if w.kv_map is not None:
+                k, v = k.index_select(1, w.kv_map), v.index_select(1, w.kv_map)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling).transpose(1, 2)
+            if head_mask is not None:
+                o = o * head_mask[:, None, :, None]
+            o = F.linear(o.reshape(b, T, -1), w.o_w)
+            if w.o_b is not None:  # a bias runs with the attention block: not at all if every head is off
+                o = o + w.o_b * (1.0 if head_mask is None else head_mask.amax(-1)[:, None, None])
+            h = h + o
+        if w.g_w is not None:
+            x = layer.post_attention_layernorm(h)
+            a = layer.mlp.act_fn(F.linear(x, w.g_w, w.g_b)) * F.linear(x, w.u_w, w.u_b)
+            if mlp_mask is not None:
+                sizes = torch.tensor(self._neuron_group_sizes, device=a.device)
+                a = a * mlp_mask.repeat_interleave(sizes, dim=-1)[:, None, :]
+            o = F.linear(a, w.d_w)
+            if w.d_b is not None:
+                o = o + w.d_b * (1.0 if mlp_mask is None else mlp_mask.amax(-1)[:, None, None])
+            h = h + o
+        return h
+
+    def _groups_for_layer(self, layer, plan_layer, with_cache, capacity, batch):
+        """Split the rows of a batch by how they run one layer: skipped rows are left out, rows with every switch on
+        run the full layer, rows with the same partial pattern share sliced weights."""
+        on = plan_layer > 0.5  # [B, 2, H]
+        full = on.all(-1).all(-1)
+        partial = on.any(-1).any(-1) & ~full
+        groups = []
+        if full.all():
+            groups.append(_Group(None, _full_weights(layer, self._n_rep)))
+        elif full.any():
+            groups.append(_Group(full.nonzero().flatten(), _full_weights(layer, self._n_rep)))
+        if partial.any():
+            rows = partial.nonzero().flatten()
+            patterns, inverse = torch.unique(on[rows].flatten(1), dim=0, return_inverse=True)
+            neuron_groups = [g.to(plan_layer.device) for g in self._neuron_groups_cpu]
+            for j, pattern in enumerate(patterns):
+                pattern = pattern.view(2, -1)
+                w = _sliced_weights(layer, pattern[0], pattern[1], self._n_rep, neuron_groups)
+                groups.append(_Group(rows[inverse == j], w))
+        if with_cache:
+            a = layer.self_attn
+            for g in groups:
+                n = batch if g.rows is None else len(g.rows)
+                if g.weights.n_q:
+                    shape = (n, g.weights.n_kv, capacity, a.head_dim)
+                    g.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    g.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return groups
+
+    def decode(self, h, key_valid, position_ids, budget, latency_pos=None, *, state=None, plan=None, mode="skip",
+               generator=None):  # fmt: skip
+        """Run the language model's layers on h [B, T, D] -> (final-norm hidden states, plan).
+
+        key_valid [B, >= past+T]: which key slots are real tokens; position_ids [B, T]. The plan comes from (in order):
+        `plan`, `state.plan`, or the scheduler at the input of layer num_prefix_layers (needs latency_pos and budget).
+        mode "mask" runs every layer on every row with switches as multipliers (training); "skip" skips and slices.
+        With a state, KV caches live in it and the new tokens take slots state.length .. state.length+T-1.
+        """
+        cfg = self.config
+        lm = self.model.language_model
+        B, T, _ = h.shape
+        past = state.length if state is not None else 0
+        q_slots = torch.arange(past, past + T, device=h.device)
+        masks = self._attention_masks(key_valid, q_slots, past + T)
+        cos, sin = lm.rotary_emb(h, position_ids)
+        if plan is None and state is not None:
+            plan = state.plan
+        stochastic = self.training
+        for i, layer in enumerate(self._layers):
+            mask = masks[self._layer_window(i)]
+            if i == cfg.num_prefix_layers and plan is None:
+                if latency_pos is None:
+                    raise ValueError("no plan: the scheduler needs the latency token position and the budget")
+                k = budgets.units_for_budget(budget, cfg).to(h.device)
+                plan, _ = self.scheduler(
+                    h[torch.arange(B, device=h.device), latency_pos], k, group_size=cfg.group_size,
+                    tau=cfg.gumbel_tau, stochastic=stochastic, generator=generator,
+                )  # fmt: skip
+                if state is not None:
+                    state.plan = plan
+            if i < cfg.num_prefix_layers or mode == "mask":
+                p = None if i < cfg.num_prefix_layers else plan[:, i - cfg.num_prefix_layers]
+                w = _full_weights(layer, self._n_rep)
+                group = None
+                if state is not None:
+                    if i not in state.groups:
+                        state.groups[i] = self._groups_for_layer(
+                            layer, torch.ones(B, 2, cfg.num_switches, device=h.device), True, state.capacity, B
+                        )
+                    group = state.groups[i][0]
+                args = (w, h, cos, sin, mask, group, past, None if p is None else p[:, 0], None if p is None else p[:, 1])
+                if self.training and getattr(layer, "gradient_checkpointing", False):
+                    h = checkpoint(self._run_layer, layer, *args, use_reentrant=False)
+                else:
+                    h = self._run_layer(layer, *args)
+                continue
+            # skip mode, schedulable layer
+            if state is not None:
+                if i not in state.groups:
+                    state.groups[i] = self._groups_for_layer(
+                        layer, plan[:, i - cfg.num_prefix_layers], True, state.capacity, B
+                    )
+                groups = state.groups[i]
+            else:
+                groups = self._groups_for_layer(layer, plan[:, i - cfg.num_prefix_layers], False, 0, B)
+            for g in groups:
+                if g.rows is None:
+                    h = self._run_layer(layer, g.weights, h, cos, sin, mask, g, past)
+                else:
+                    out = self._run_layer(layer, g.weights, h[g.rows], cos[g.rows], sin[g.rows], mask[g.rows], g, past)
+                    h = h.index_copy(0, g.rows, out)
+        if state is not None:
+            state.length = past + T
+        return lm.norm(h), plan
+
+    def execution_plan_fractions(self, plan: torch.Tensor) -> torch.Tensor:
+        """[B, S, 2, H] switches -> [B, num_layers]: fraction of each layer's units that ran (prefix layers: 1)."""
+        B = plan.shape[0]
+        prefix = torch.ones(B, self.config.num_prefix_layers, device=plan.device)
+        return torch.cat([prefix, plan.detach().float().mean((-1, -2))], dim=1)
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, budget=None,
+                inputs_embeds=None, image_sizes=None, execution_plan=None, plan_mode=None, generator=None,
+                logits_to_keep: int = 0, **kwargs):  # fmt: skip
+        """Training and scoring forward. budget: a float or one per row (random per sample in training when None).
+        plan_mode: "mask" (training default) or "skip" (inference default). execution_plan: a [B, S, 2, H] plan to
+        run instead of the scheduler's."""
+        embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, image_sizes)
+        B, T = embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
+        budget = self.resolve_budget(budget, B)
+        lat = self.latency_token(budget.to(embeds.device))
+        h, mask, labels, lat_pos = self.insert_latency_token(embeds, attention_mask, labels, lat)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        mode = plan_mode or ("mask" if self.training else "skip")
+        hidden, plan = self.decode(
+            h, mask.bool(), position_ids, budget, lat_pos, plan=execution_plan, mode=mode, generator=generator
+        )
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        return AdaLlavaOutput(
+            loss=loss, logits=logits, execution_plan=self.execution_plan_fractions(plan), plan=plan, budget=budget,
+            latency_token_position=lat_pos, labels=labels,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, budget=None, *, max_new_tokens=20,
+                 do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None,
+                 use_cache=True, return_dict_in_generate=False, streamer=None, generator=None, execution_plan=None,
+                 inputs_embeds=None, image_sizes=None, **kwargs):  # fmt: skip
+        """Generate with one execution plan per request, chosen at prefill from image, question and budget and kept
+        for every decode step. budget: one float or one per request in [num_prefix_layers/num_layers, 1] (default 1).
+
+        Returns the token ids (prompt + new), or with return_dict_in_generate=True an AdaLlavaGenerateOutput carrying
+        execution_plan [B, num_layers], flops [B] and measured timings.
+        """
+        if kwargs:
+            raise TypeError(f"unsupported generate arguments: {sorted(kwargs)}")
+        if self.training:
+            raise RuntimeError("generate() runs the inference path: call model.eval() first")
+        gen = self.generation_config
+        eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
+        eos_ids = torch.tensor([] if eos is None else (eos if isinstance(eos, list) else [eos]), device=self.device)
+        pad = pad_token_id if pad_token_id is not None else (gen.pad_token_id if gen.pad_token_id is not None else 0)
+        t0 = time.perf_counter()
+        embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, image_sizes)
+        B, T = embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
+        budget = budgets.validate_budget(1.0 if budget is None else budget, B, self.config)
+        # Left-align every prompt (stable sort puts padding first), so that all prompts end at the same slot and the
+        # latency token is appended at the end of each prompt (spec 1.4).
+        order = torch.sort(attention_mask.long(), dim=1, stable=True).indices
+        embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+        attention_mask = attention_mask.gather(1, order)
+        lat = self.latency_token(budget.to(embeds.device))
+        h, mask, _, lat_pos = self.insert_latency_token(embeds, attention_mask, None, lat)
+        prompt_len = h.shape[1]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        capacity = prompt_len + max_new_tokens
+        key_valid = torch.zeros(B, capacity, dtype=torch.bool, device=h.device)
+        key_valid[:, :prompt_len] = mask.bool()
+        state = DecodeState(capacity=capacity, key_valid=key_valid, plan=execution_plan) if use_cache else None
+        hidden, plan = self.decode(h, key_valid, position_ids, budget, lat_pos, state=state, plan=execution_plan)
+        logits = self.lm_head(hidden[:, -1])
+        t_prefill = time.perf_counter() - t0
+
+        new_tokens, next_pos = [], position_ids[:, -1] + 1
+        finished = torch.zeros(B, dtype=torch.bool, device=h.device)
+        num_generated = torch.zeros(B, dtype=torch.long, device=h.device)
+        all_h, all_pos = h, position_ids
+        for step in range(max_new_tokens):
+            token = self._next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            num_generated += (~finished).long()
+            new_tokens.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            finished |= torch.isin(token, eos_ids)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            emb = self.get_input_embeddings()(token)[:, None]
+            slot = prompt_len + step
+            key_valid[:, slot] = True
+            if state is not None:
+                hidden, _ = self.decode(emb, key_valid, next_pos[:, None], budget, state=state)
+            else:  # recompute the whole sequence under the same plan (reference path for tests)
+                all_h = torch.cat([all_h, emb], dim=1)
+                all_pos = torch.cat([all_pos, next_pos[:, None]], dim=1)
+                hidden, _ = self.decode(all_h, key_valid[:, : slot + 1], all_pos, budget, plan=plan)
+            logits = self.lm_head(hidden[:, -1])
+            next_pos = next_pos + 1
+        if streamer is not None:
+            streamer.end()
+        t_total = time.perf_counter() - t0
+        generated = torch.stack(new_tokens, 1) if new_tokens else torch.zeros(B, 0, dtype=torch.long, device=h.device)
+        prompt_ids = input_ids if input_ids is not None else torch.zeros(B, 0, dtype=torch.long, device=h.device)
+        sequences = torch.cat([prompt_ids, generated], dim=1)
+        if not return_dict_in_generate:
+            return sequences
+        num_images = None
+        if pixel_values is not None and input_ids is not None:
+            num_images = (input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length
+        flops = cost.request_flops(self.config, plan, mask.sum(1), num_generated, num_images)
+        return AdaLlavaGenerateOutput(
+            sequences=sequences, execution_plan=self.execution_plan_fractions(plan), flops=flops, budget=budget,
+            num_generated=num_generated, plan=plan,
+            timings={"prefill_s": t_prefill, "decode_s": t_total - t_prefill, "total_s": t_total},
+        )  # fmt: skip
+
+    @staticmethod
+    def _next_token(logits, do_sample, temperature, top_k, top_p, generator):
+        if not do_sample or temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, idx = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+            logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+AutoModelForImageTextToText.register(AdaLlavaConfig, AdaLlavaForConditionalGeneration)
