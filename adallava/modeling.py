@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -555,3 +556,6 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
 
 AutoModelForImageTextToText.register(AdaLlavaConfig, AdaLlavaForConditionalGeneration)
+# Checkpoints saved by plain transformers name weights as LLaVA does (e.g. `language_model.lm_head`): load them the same way.
+if get_checkpoint_conversion_mapping("ada_llava") is None:
+    register_checkpoint_conversion_mapping("ada_llava", get_checkpoint_conversion_mapping("llava"))
