@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-# floor(u*L*b) must give k for b = k/(u*L) exactly even though k/(u*L)*(u*L) can land a hair below k in floating point
-# (0.57 * 100 = 56.99999999999999). Budgets are never meaningfully finer than 1e-9 of a unit.
-_FLOOR_EPS = 1e-9
+# floor(u*L*b) must give k for b = k/(u*L) even though k/(u*L)*(u*L) can land a hair below k in floating point
+# (0.57 * 100 = 56.99999999999999; a float32 0.7 is 0.69999999). A plan step is at least 1/(4*80) of the model, so a
+# tolerance of 1e-6 of a unit never merges two steps.
+_FLOOR_EPS = 1e-6
 
 
 def budget_range(config) -> tuple[float, float]:

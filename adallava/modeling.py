@@ -168,9 +168,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         text = config.text_config
         self._n_rep = text.num_attention_heads // text.num_key_value_heads
         # MLP neuron groups: as many as heads, contiguous; the first (I mod G) groups hold one extra neuron (spec 1.6).
-        sizes = torch.tensor_split(torch.arange(text.intermediate_size), config.num_switches)
-        self._neuron_group_sizes = [len(s) for s in sizes]
-        self._neuron_groups_cpu = list(sizes)
+        # (Plain ints: from_pretrained builds the model on the meta device.)
+        base, extra = divmod(text.intermediate_size, config.num_switches)
+        self._neuron_group_sizes = [base + 1] * extra + [base] * (config.num_switches - extra)
 
     # ---------------------------------------------------------------------------------------------- construction
 
@@ -335,7 +335,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if partial.any():
             rows = partial.nonzero().flatten()
             patterns, inverse = torch.unique(on[rows].flatten(1), dim=0, return_inverse=True)
-            neuron_groups = [g.to(plan_layer.device) for g in self._neuron_groups_cpu]
+            bounds = [0, *torch.tensor(self._neuron_group_sizes).cumsum(0).tolist()]
+            neuron_groups = [torch.arange(a, b, device=plan_layer.device) for a, b in zip(bounds, bounds[1:])]
             for j, pattern in enumerate(patterns):
                 pattern = pattern.view(2, -1)
                 w = _sliced_weights(layer, pattern[0], pattern[1], self._n_rep, neuron_groups)

@@ -1,0 +1,167 @@
+"""Generation details, latency-token placement, skipping really skipping, wrapping plain LLaVA checkpoints."""
+
+import pytest
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from adallava.modeling import IGNORE_INDEX, AdaLlavaForConditionalGeneration, DecodeState
+from adallava.presets import build_tiny, load
+
+from test_modeling import QUESTIONS, batch, images, prompt
+
+
+@pytest.fixture(scope="module")
+def llama_layer():
+    return build_tiny("layer", "llama")
+
+
+@pytest.fixture(scope="module")
+def mistral_head():
+    return build_tiny("head", "mistral")
+
+
+def test_latency_token_goes_after_the_last_prompt_token_in_training(llama_layer):
+    model, _ = llama_layer
+    embeds = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, -100, 7, 8, -100], [-100, -100, 5, 6, 7, 8]])
+    lat = torch.full((2, 4), 9.0)
+    out, new_mask, new_labels, pos = model.insert_latency_token(embeds, mask, labels, lat)
+    assert pos.tolist() == [3, 2]
+    assert (out[0, 3] == 9).all() and torch.equal(out[0, 4], embeds[0, 3]) and torch.equal(out[0, :3], embeds[0, :3])
+    assert new_labels.tolist() == [[-100, -100, -100, -100, 7, 8, -100], [-100, -100, -100, 5, 6, 7, 8]]
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1, 1, 0], [1] * 7]
+    _, _, _, pos = model.insert_latency_token(embeds, mask, None, lat)
+    assert pos.tolist() == [6, 6]  # inference: appended at the end of the (left-padded) prompt
+
+
+def test_right_padded_prompts_generate_like_left_padded(llama_layer):
+    model, processor = llama_layer
+    kwargs = dict(budget=[0.625, 0.75, 1.0], max_new_tokens=6)
+    left = model.generate(**batch(processor), **kwargs)
+    processor.tokenizer.padding_side = "right"
+    try:
+        right_inputs = batch(processor)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    right = model.generate(**right_inputs, **kwargs)
+    assert torch.equal(left[:, -6:], right[:, -6:])
+
+
+def test_skipped_layers_hold_no_cache_and_sliced_layers_only_kept_heads(mistral_head):
+    """GQA (4 query heads, 2 KV heads): a kept query head always brings its own KV head, and no other."""
+    model, processor = mistral_head
+    inputs = processor(images=images(1), text=prompt(processor, QUESTIONS[0]), return_tensors="pt")
+    with torch.no_grad():
+        embeds = model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+        budget = torch.tensor([0.5 + 6 / 32], dtype=torch.float64)
+        h, mask, _, pos = model.insert_latency_token(embeds, inputs["attention_mask"], None, model.latency_token(budget))
+        state = DecodeState(capacity=h.shape[1] + 2, key_valid=torch.ones(1, h.shape[1] + 2, dtype=torch.bool))
+        model.decode(h, state.key_valid, (mask.cumsum(-1) - 1), budget, pos, state=state)
+    P = model.config.num_prefix_layers
+    for i in range(P, model.config.num_layers):
+        heads_on = state.plan[0, i - P, 0].nonzero().flatten()
+        groups = state.groups[i]
+        if len(heads_on) == 0:
+            assert groups == [] or all(g.k is None for g in groups)
+            continue
+        (g,) = groups
+        kv_needed = torch.unique(heads_on // 2)
+        assert g.k.shape[1] == len(kv_needed) and g.weights.n_q == len(heads_on)
+        assert g.weights.q_w.shape[0] == len(heads_on) * 32  # head_dim 32: sliced, not masked
+        neurons = sum(model._neuron_group_sizes[j] for j in state.plan[0, i - P, 1].nonzero().flatten().tolist())
+        assert g.weights.g_w.shape[0] == neurons
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(llama_layer):
+    model, processor = llama_layer
+    inputs = batch(processor)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-4] = IGNORE_INDEX
+    plan = torch.ones(3, 4, 2, 4)
+    plan[0, 1:] = 0
+    results = []
+    for enabled in (False, True):
+        model.train()
+        if enabled:
+            model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+        model.zero_grad()
+        out = model(**inputs, labels=labels, budget=[0.625, 1.0, 1.0], execution_plan=plan)
+        out.loss.backward()
+        results.append((out.loss.detach(), model.lm_head.weight.grad.clone()))
+        model.activation_checkpointing_disable()
+    model.eval()
+    model.zero_grad()
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_flops_grow_with_the_budget_and_count_only_what_ran(llama_layer):
+    model, processor = llama_layer
+    inputs = batch(processor)
+    out = model.generate(**inputs, budget=[0.5, 0.75, 1.0], max_new_tokens=4, return_dict_in_generate=True)
+    f = out.flops
+    assert f[0] < f[1] < f[2]
+    # at layer granularity the layer FLOPs are linear in the number of layers run (same prompt, same length)
+    inputs1 = processor(images=images(1) * 3, text=[prompt(processor, QUESTIONS[0])] * 3, return_tensors="pt")
+    out1 = model.generate(**inputs1, budget=[0.5, 0.75, 1.0], max_new_tokens=4, eos_token_id=-1,
+                          return_dict_in_generate=True)  # fmt: skip
+    f = out1.flops
+    torch.testing.assert_close(f[2] - f[1], f[1] - f[0])
+
+
+def test_generate_errors_are_clear(llama_layer):
+    model, processor = llama_layer
+    inputs = batch(processor)
+    with pytest.raises(ValueError, match=r"\[0\.5, 1\]"):
+        model.generate(**inputs, budget=0.2)
+    with pytest.raises(ValueError, match="3 budgets for a batch of 2|got 2 budgets for a batch of 3"):
+        model.generate(**inputs, budget=[0.6, 0.7])
+    with pytest.raises(ValueError, match=r"\[0\.5, 1\]"):
+        model.generate(**inputs, budget=float("nan"))
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(**inputs, num_beams=2)
+
+
+def test_text_only_requests_work(llama_layer):
+    model, processor = llama_layer
+    inputs = processor(text=[prompt(processor, "Is the sky blue?", image=False)], return_tensors="pt")
+    out = model.generate(**inputs, budget=0.75, max_new_tokens=3, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + out.num_generated[0]
+
+
+def test_sampling_is_reproducible_with_a_generator(llama_layer):
+    model, processor = llama_layer
+    inputs = batch(processor)
+    runs = [
+        model.generate(**inputs, budget=0.75, max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9,
+                       top_k=50, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]  # fmt: skip
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_from_llava_wraps_a_plain_checkpoint(tmp_path, llama_layer):
+    model, processor = llama_layer
+    plain_config = {k: v for k, v in model.config.to_dict().items()
+                    if k not in ("num_prefix_layers", "granularity", "group_size", "gumbel_tau", "latency_embed_dim",
+                                 "model_type")}  # fmt: skip
+    torch.manual_seed(1)
+    plain = LlavaForConditionalGeneration(LlavaConfig(**plain_config))
+    plain.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    wrapped, _ = load(tmp_path, granularity="head", num_prefix_layers=3)
+    assert wrapped.config.granularity == "head" and wrapped.config.num_prefix_layers == 3
+    base, ours = plain.state_dict(), wrapped.state_dict()
+    assert all(torch.equal(base[k], ours[k]) for k in base)
+    assert wrapped.scheduler.mlp_head.weight.std() > 0
+    in_memory = AdaLlavaForConditionalGeneration.from_llava(plain)
+    assert in_memory.config.num_prefix_layers == 4
+    # budget 1.0 on the wrapped model = the plain LLaVA's language model on the same embeddings
+    inputs = batch(processor)
+    with torch.no_grad():
+        full = in_memory(**inputs, budget=1.0)
+    assert full.logits.shape[1] == inputs["input_ids"].shape[1] + 1
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load(tmp_path / "nowhere")
