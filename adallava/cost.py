@@ -79,3 +79,195 @@ def request_flops(config, plan, prompt_len, num_generated, num_images=None) -> t
     if num_images is not None:
         total += num_images.detach().cpu().double() * vision_flops(config)
     return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Roofline estimate for named hardware (the paper's "prefill time" is LLM-Viewer's roofline on a V100, spec 3).
+
+HARDWARE = {
+    # peak dense fp16/bf16 tensor FLOP/s, memory bandwidth bytes/s (vendor datasheets)
+    "V100": {"flops": 112e12, "bandwidth": 900e9},
+    "A100": {"flops": 312e12, "bandwidth": 2039e9},
+    "H100": {"flops": 989e12, "bandwidth": 3350e9},
+    "H200": {"flops": 989e12, "bandwidth": 4800e9},
+}
+
+
+def roofline_prefill_seconds(config, plan, prompt_len: int, hardware: str = "V100", bytes_per_value: int = 2) -> float:
+    """Roofline prefill time of one request (batch 1): each decoder layer's linear layers and attention matmuls take
+    max(FLOPs / peak, bytes moved / bandwidth); lm_head on the last position. Only relative figures mean much."""
+    if hardware not in HARDWARE:
+        raise ValueError(f"unknown hardware {hardware!r}: one of {sorted(HARDWARE)}")
+    peak, bw = HARDWARE[hardware]["flops"], HARDWARE[hardware]["bandwidth"]
+    text = config.text_config
+    hidden, head_dim = text.hidden_size, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    q, kv, neurons = _active_sizes(config, plan[:1])
+    n = float(prompt_len)
+
+    def op(flops, bytes_):
+        return max(flops / peak, bytes_ / bw)
+
+    total = 0.0
+    for layer in range(config.num_layers):
+        nq, nkv, ni = float(q[0, layer]), float(kv[0, layer]), float(neurons[0, layer])
+        if nq:
+            for out_features in (nq * head_dim, nkv * head_dim, nkv * head_dim):  # q, k, v
+                total += op(2 * n * hidden * out_features, bytes_per_value * (hidden * out_features + n * (hidden + out_features)))
+            total += op(2 * n * nq * head_dim * hidden, bytes_per_value * (nq * head_dim * hidden + n * (nq * head_dim + hidden)))
+            total += op(2 * 2 * nq * head_dim * n * (n + 1) / 2, bytes_per_value * (3 * n * nq * head_dim + nq * n * n))
+        if ni:
+            total += 2 * op(2 * n * hidden * ni, bytes_per_value * (hidden * ni + n * (hidden + ni)))  # gate, up
+            total += op(2 * n * ni * hidden, bytes_per_value * (ni * hidden + n * (hidden + ni)))  # down
+    total += op(2 * hidden * text.vocab_size, bytes_per_value * hidden * text.vocab_size)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measured cost tables: what a budget costs in milliseconds on *this* device, and the budget that meets a target.
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+
+
+def model_signature(config) -> str:
+    t, v = config.text_config, config.vision_config
+    return (f"{t.model_type}-L{t.num_hidden_layers}-h{t.hidden_size}-H{t.num_attention_heads}-kv{t.num_key_value_heads}"
+            f"-I{t.intermediate_size}-V{t.vocab_size}|vis-{v.image_size}px-p{v.patch_size}-h{v.hidden_size}"
+            f"-L{v.num_hidden_layers}|P{config.num_prefix_layers}")  # fmt: skip
+
+
+@torch.no_grad()
+def profile_latency(model, seq_lens=(64, 256, 640), repeats: int = 3, images: bool = True) -> dict:
+    """Measure, on the model's device, the latency of the parts of a prefill at each sequence length: one whole
+    decoder layer, its attention block alone, the vision tower + projector (per image), the latency encoder +
+    scheduler, lm_head + final norm. Returns a JSON-able cost table keyed by device and model signature.
+
+    Predicted prefill = fixed parts + sum over layers of (attention fraction x attention time + MLP fraction x
+    (layer - attention) time); see predict_prefill_ms.
+    """
+    import statistics
+    import time
+
+    dev = model.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    cfg = model.config
+    hidden = cfg.text_config.hidden_size
+    layer = model.model.language_model.layers[cfg.num_prefix_layers]
+
+    def timed(fn):
+        fn()
+        sync()
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync()
+            runs.append(time.perf_counter() - t)
+        return statistics.median(runs) * 1e3
+
+    from .modeling import _full_weights
+
+    full_w = _full_weights(layer, model._n_rep)
+    attn_only = type(full_w)(**{**full_w.__dict__, "g_w": None})
+    rows = []
+    for n in seq_lens:
+        h = torch.randn(1, n, hidden, device=dev, dtype=model.dtype)
+        pos = torch.arange(n, device=dev)[None]
+        cos, sin = model.model.language_model.rotary_emb(h, pos)
+        masks = model._attention_masks(torch.ones(1, n, dtype=torch.bool, device=dev), pos[0], n)
+        mask = masks[None]  # the full-attention mask (key None); sliding-window layers cost no more
+        rows.append({
+            "seq_len": n,
+            "layer_ms": timed(lambda: model._run_layer(layer, full_w, h, cos, sin, mask)),
+            "attention_ms": timed(lambda: model._run_layer(layer, attn_only, h, cos, sin, mask)),
+        })  # fmt: skip
+    hidden_one = torch.randn(1, hidden, device=dev, dtype=model.dtype)
+    k = torch.tensor([cfg.units_per_layer * cfg.num_schedulable_layers // 2])
+
+    def scheduler_call():
+        model.latency_token(torch.tensor([0.75], dtype=torch.float64))
+        model.scheduler(hidden_one, k, group_size=cfg.group_size, tau=cfg.gumbel_tau, stochastic=False)
+
+    head_ms = timed(lambda: model.lm_head(model.model.language_model.norm(hidden_one)))
+    vision_ms = 0.0
+    if images:
+        size = cfg.vision_config.image_size
+        pixels = torch.randn(1, 3, size, size, device=dev, dtype=model.dtype)
+        vision_ms = timed(lambda: model.model.get_image_features(pixel_values=pixels, return_dict=True))
+    return {
+        "device": _device_name(dev), "model": model_signature(cfg), "dtype": str(model.dtype).replace("torch.", ""),
+        "granularity": cfg.granularity, "num_layers": cfg.num_layers, "num_prefix_layers": cfg.num_prefix_layers,
+        "units_per_layer": cfg.units_per_layer, "layers": rows, "scheduler_ms": timed(scheduler_call),
+        "lm_head_ms": head_ms, "vision_ms_per_image": vision_ms,
+    }  # fmt: skip
+
+
+def _interp(rows, key, n):
+    """Piecewise-linear in sequence length through the measured points, linear extrapolation beyond them."""
+    xs = [r["seq_len"] for r in rows]
+    ys = [r[key] for r in rows]
+    if len(xs) == 1:
+        return ys[0] * n / xs[0]
+    i = 1
+    while i < len(xs) - 1 and n > xs[i]:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (n - x0) / (x1 - x0))
+
+
+def predict_prefill_ms(table: dict, budget: float, seq_len: int, num_images: int = 0) -> float:
+    """Predicted prefill latency of one request at a budget, from a measured cost table. Layers are identical in
+    shape, so a budget's cost is (prefix + k units) of layer time; `head` units count heads and neuron groups alike."""
+    u, L, P = table["units_per_layer"], table["num_layers"], table["num_prefix_layers"]
+    k = max(0, int(budget * u * L + 1e-6) - u * P)
+    layer_ms = _interp(table["layers"], "layer_ms", seq_len)
+    return (P + k / u) * layer_ms + table["scheduler_ms"] + table["lm_head_ms"] + num_images * table["vision_ms_per_image"]
+
+
+def budget_for_latency(table: dict, latency_ms: float, seq_len: int, num_images: int = 0) -> float:
+    """The largest budget on the model's grid whose predicted prefill latency meets latency_ms. Raises ValueError
+    naming the achievable range when even the smallest budget cannot meet it."""
+    if not isinstance(latency_ms, (int, float)) or isinstance(latency_ms, bool) or not latency_ms > 0:
+        raise ValueError(f"latency_ms must be a positive number of milliseconds, got {latency_ms!r}")
+    u, L, P = table["units_per_layer"], table["num_layers"], table["num_prefix_layers"]
+    grid = [n / (u * L) for n in range(u * P, u * L + 1)]
+    fits = [b for b in grid if predict_prefill_ms(table, b, seq_len, num_images) <= latency_ms]
+    if not fits:
+        lo = predict_prefill_ms(table, grid[0], seq_len, num_images)
+        hi = predict_prefill_ms(table, 1.0, seq_len, num_images)
+        raise ValueError(
+            f"latency_ms={latency_ms:g} is below what this model can do for a {seq_len}-token prompt on "
+            f"{table['device']}: {lo:.1f} ms (budget {grid[0]:g}) to {hi:.1f} ms (budget 1)"
+        )
+    return fits[-1]
+
+
+def save_cost_table(table: dict, path) -> None:
+    """Write atomically: a reader never sees half a table."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_cost_table(path, model=None) -> dict:
+    import json
+
+    table = json.loads(open(path).read())
+    if model is not None and table.get("model") != model_signature(model.config):
+        raise ValueError(f"{path}: cost table is for model {table.get('model')!r}, not {model_signature(model.config)!r}")
+    return table

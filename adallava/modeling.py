@@ -459,9 +459,13 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, budget=None, *, max_new_tokens=20,
                  do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None,
                  use_cache=True, return_dict_in_generate=False, streamer=None, generator=None, execution_plan=None,
-                 inputs_embeds=None, image_sizes=None, **kwargs):  # fmt: skip
+                 inputs_embeds=None, image_sizes=None, latency_ms=None, **kwargs):  # fmt: skip
         """Generate with one execution plan per request, chosen at prefill from image, question and budget and kept
         for every decode step. budget: one float or one per request in [num_prefix_layers/num_layers, 1] (default 1).
+
+        latency_ms: a prefill latency target (one or one per request) mapped through the model's measured cost table
+        (model.cost_table, see adallava.cost.profile_latency) to the largest budget that meets it; with a budget as
+        well, the smaller of the two runs (both are caps).
 
         Returns the token ids (prompt + new), or with return_dict_in_generate=True an AdaLlavaGenerateOutput carrying
         execution_plan [B, num_layers], flops [B] and measured timings.
@@ -480,6 +484,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
         budget = budgets.validate_budget(1.0 if budget is None else budget, B, self.config)
+        if latency_ms is not None:
+            budget = torch.minimum(budget, self.budget_for_latency(latency_ms, input_ids, attention_mask))
         # Left-align every prompt (stable sort puts padding first), so that all prompts end at the same slot and the
         # latency token is appended at the end of each prompt (spec 1.4).
         order = torch.sort(attention_mask.long(), dim=1, stable=True).indices
@@ -539,6 +545,25 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             num_generated=num_generated, plan=plan,
             timings={"prefill_s": t_prefill, "decode_s": t_total - t_prefill, "total_s": t_total},
         )  # fmt: skip
+
+    def budget_for_latency(self, latency_ms, input_ids, attention_mask) -> torch.Tensor:
+        """[B] budgets meeting per-request prefill latency targets, from self.cost_table (ValueError if none)."""
+        table = getattr(self, "cost_table", None)
+        if table is None:
+            raise ValueError("latency_ms needs a cost table: model.cost_table = adallava.cost.profile_latency(model)")
+        B = attention_mask.shape[0]
+        targets = latency_ms if isinstance(latency_ms, (list, tuple)) else [latency_ms] * B
+        if len(targets) != B:
+            raise ValueError(f"got {len(targets)} latency_ms targets for a batch of {B}: give one, or one per request")
+        seq_lens = (attention_mask.sum(1) + 1).tolist()  # + the latency token
+        if input_ids is not None:
+            n_images = ((input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length).tolist()
+        else:
+            n_images = [0] * B
+        return torch.tensor(
+            [cost.budget_for_latency(table, t, int(n), int(i)) for t, n, i in zip(targets, seq_lens, n_images)],
+            dtype=torch.float64,
+        )
 
     @staticmethod
     def _next_token(logits, do_sample, temperature, top_k, top_p, generator):
