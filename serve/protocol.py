@@ -114,7 +114,8 @@ def parse_request(obj: Any) -> ChatCompletionRequest:
         raise bad_request(msg, param=param, code="missing_field" if kind == "missing" else "invalid_type") from None
 
 
-_BRANCH = ("str", "int", "float", "bool", "none", "list[", "tagged-union[", "literal[", "function-")
+_BRANCH_NAMES = ("str", "int", "float", "bool", "none")
+_BRANCH_PREFIXES = ("list[", "tagged-union[", "literal[", "function-", "nullable[")
 
 
 def _param(loc: tuple) -> str:
@@ -124,7 +125,7 @@ def _param(loc: tuple) -> str:
         if skip_tag:
             skip_tag = False
             continue
-        if isinstance(p, str) and p.startswith(_BRANCH):
+        if isinstance(p, str) and (p in _BRANCH_NAMES or p.startswith(_BRANCH_PREFIXES)):
             skip_tag = p.startswith("list[tagged-union[")  # next: the index, then the tag
             if skip_tag:
                 skip_tag = False

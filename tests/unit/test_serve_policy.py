@@ -1,0 +1,304 @@
+"""serve/policy.py as pure functions (monotone, hysteresis, caps, floor -> 429) and serve/protocol.py validation.
+No Ray, no model: milliseconds."""
+
+import asyncio
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from serve.policy import (
+    BudgetController, LatencyProfile, PolicyConfig, apply_caps, budget_for_latency, budget_for_load, levels,
+    predicted_latency_ms, retry_after_s,
+)  # fmt: skip
+from serve.protocol import APIError, Limits, check_image_url, decode_data_url, host_allowed, parse_request, validate_request
+
+GRID = [0.5, 0.625, 0.75, 0.875, 1.0]
+
+
+def profile(noisy=False):
+    # batch of 8 costs about 2x a batch of 1; budget 0.5 about half of 1.0 (the tiny model's measured shape)
+    dec1 = [1.5, 1.8, 2.0, 2.6, 2.8]
+    if noisy:
+        dec1 = [1.5, 1.9, 1.7, 2.6, 2.5]  # not monotone in budget: the profile must repair it
+    return LatencyProfile(GRID, 8, [5, 6, 7, 8, 9], [12, 14, 18, 19, 24], dec1, [1.8, 2.5, 3.1, 4.8, 4.1])
+
+
+CFG = PolicyConfig(floor=0.5, ceiling=1.0, slo_ms=400, tokens=32, smoothing_s=1.0, hysteresis=0.25)
+
+
+def test_profile_is_made_monotone_in_budget():
+    p = profile(noisy=True)
+    for name in ("decode_ms_1", "decode_ms_b", "prefill_ms_b"):
+        vals = getattr(p, name)
+        assert vals == sorted(vals), name
+    lat = [predicted_latency_ms(p, b, 20, 32) for b in GRID]
+    assert lat == sorted(lat)
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_budget_for_load_is_monotone_and_spans_floor_to_ceiling(noisy):
+    p = profile(noisy)
+    loads = [0.5 * i for i in range(0, 200)]
+    chosen = [budget_for_load(x, p, CFG) for x in loads]
+    assert all(a >= b for a, b in zip(chosen, chosen[1:])), "more load must never give a higher budget"
+    assert chosen[0] == 1.0 and chosen[-1] == 0.5
+    assert len(set(chosen)) >= 3  # it really grades, not a switch
+    assert set(chosen) <= set(GRID)
+
+
+def test_predicted_latency_grows_with_load():
+    p = profile()
+    for b in GRID:
+        lat = [predicted_latency_ms(p, b, x, 32) for x in range(0, 60)]
+        assert all(x <= y for x, y in zip(lat, lat[1:]))
+
+
+def test_floor_and_ceiling_bound_the_choice():
+    p = profile()
+    cfg = PolicyConfig(floor=0.625, ceiling=0.875, slo_ms=400)
+    assert levels(p, cfg) == [0.625, 0.75, 0.875]
+    assert budget_for_load(0, p, cfg) == 0.875
+    assert budget_for_load(1000, p, cfg) == 0.625
+    static = PolicyConfig(floor=1.0, ceiling=1.0, slo_ms=400)
+    assert {budget_for_load(x, p, static) for x in (0, 10, 1000)} == {1.0}
+
+
+def test_policy_config_rejects_bad_ranges():
+    with pytest.raises(ValueError, match="floor <= ceiling"):
+        PolicyConfig(floor=0.9, ceiling=0.6).check((0.5, 1.0))
+    with pytest.raises(ValueError, match="floor <= ceiling"):
+        PolicyConfig(floor=0.3).check((0.5, 1.0))
+    with pytest.raises(ValueError, match="slo_ms"):
+        PolicyConfig(slo_ms=0).check((0.5, 1.0))
+
+
+def test_floor_that_cannot_keep_up_rejects_with_retry_after():
+    p = profile()
+    assert retry_after_s(1, p, CFG) is None
+    # find the first load the floor cannot serve within the SLO
+    over = next(x for x in range(1, 1000) if predicted_latency_ms(p, 0.5, x, CFG.tokens) > CFG.slo_ms)
+    assert retry_after_s(over - 1, p, CFG) is None
+    r = retry_after_s(over, p, CFG)
+    assert isinstance(r, int) and r >= 1
+    assert retry_after_s(10 * over, p, CFG) > r  # a longer queue asks clients to wait longer
+    queueing = PolicyConfig(**{**CFG.__dict__, "reject": False})
+    assert retry_after_s(10 * over, p, queueing) is None
+    # while the floor still meets the SLO the server degrades instead of rejecting
+    assert budget_for_load(over - 1, p, CFG) == 0.5
+
+
+def test_caps_never_raise_the_budget():
+    assert apply_caps(1.0, 0.6) == 0.6
+    assert apply_caps(0.625, 0.9) == 0.625
+    assert apply_caps(0.875, None, 0.75) == 0.75
+    assert apply_caps(0.875, 0.8, 0.5) == 0.5
+    assert apply_caps(0.75) == 0.75
+
+
+def test_latency_target_maps_to_the_largest_budget_that_meets_it():
+    p = profile()
+    tight = predicted_latency_ms(p, 0.625, 1, 32) + 0.01
+    assert budget_for_latency(tight, 1, p, CFG) == 0.625
+    assert budget_for_latency(1e9, 1, p, CFG) == 1.0
+    assert budget_for_latency(0.001, 1, p, CFG) == 0.5  # unreachable target: the floor (best effort)
+    # the same target under more load buys less compute
+    assert budget_for_latency(tight * 3, 40, p, CFG) <= budget_for_latency(tight * 3, 1, p, CFG)
+
+
+def test_controller_smooths_a_spike_and_holds_inside_the_hysteresis_band():
+    p = profile()
+    c = BudgetController(p, CFG)
+    c.observe(1, 0.0)
+    assert c.decide() == 1.0
+    c.observe(200, 0.01)  # a 10 ms spike barely moves the smoothed load
+    assert c.decide() == 1.0
+    t = 0.01
+    for _ in range(50):  # sustained overload for 5 s: the budget falls to the floor
+        t += 0.1
+        c.observe(200, t)
+    assert c.decide() == 0.5
+    # find a load whose instantaneous choice is a middle level, and one slightly lower (inside the band)
+    mid = next(x for x in range(1, 400) if budget_for_load(x, p, CFG) < 1.0)
+    assert budget_for_load(mid * 0.9, p, CFG) >= budget_for_load(mid, p, CFG)
+    for _ in range(100):
+        t += 0.1
+        c.observe(mid, t)
+    held = c.decide()
+    assert held == budget_for_load(mid, p, CFG) or held <= budget_for_load(mid, p, CFG)
+    # small wiggles around this load do not move the budget up and down
+    seen = set()
+    for i in range(100):
+        t += 0.1
+        c.observe(mid * (0.92 if i % 2 else 1.0), t)
+        seen.add(c.decide())
+    assert len(seen) == 1
+    for _ in range(100):  # the load goes away: the budget comes back to the ceiling
+        t += 0.1
+        c.observe(0.5, t)
+    assert c.decide() == 1.0
+
+
+def test_controller_without_hysteresis_would_flap_where_ours_does_not():
+    p = profile()
+    edge = next(x / 10 for x in range(10, 4000) if budget_for_load(x / 10, p, CFG) < 1.0)
+    loads = [edge * 1.02, edge * 0.98] * 30
+    flap = [budget_for_load(x, p, CFG) for x in loads]
+    assert len(set(flap)) == 2  # the bare policy flips at the threshold
+    c = BudgetController(p, PolicyConfig(**{**CFG.__dict__, "smoothing_s": 0.01}))  # no smoothing: hysteresis only
+    out = []
+    for i, x in enumerate(loads):
+        c.observe(x, i * 1.0)
+        out.append(c.decide())
+    assert len(set(out[1:])) == 1
+
+
+def test_controller_is_monotone_in_load_from_the_same_state():
+    p = profile()
+    for start in (1, 20, 60):
+        res = []
+        for x in range(0, 200, 5):
+            c = BudgetController(p, CFG)
+            c.observe(start, 0.0)
+            c.decide()
+            c.observe(x, 10.0)
+            res.append(c.decide())
+        assert all(a >= b for a, b in zip(res, res[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------- protocol
+
+
+def png_bytes(size=(8, 8)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(raw, mime="image/png"):
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def err(fn, *a):
+    with pytest.raises(APIError) as e:
+        r = fn(*a)
+        if asyncio.iscoroutine(r):
+            asyncio.run(r)
+    assert 400 <= e.value.status < 500
+    body = e.value.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return e.value
+
+
+def validate(obj, limits=None):
+    req = parse_request(obj)
+
+    async def loader(url, param):
+        return decode_data_url(url, param, limits or Limits())
+
+    return asyncio.run(validate_request(req, limits or Limits(), (0.5, 1.0), loader))
+
+
+def msg(content, role="user"):
+    return {"messages": [{"role": role, "content": content}]}
+
+
+@pytest.mark.parametrize("obj, param, words", [
+    ([1, 2], None, "JSON object"),
+    ({}, "messages", "required"),
+    ({"messages": []}, "messages", "at least 1"),
+    (msg("hi", role="robot"), "messages.0.role", "unknown role"),
+    (msg([{"type": "video", "url": "x"}]), "messages.0.content.0", "unknown content part"),
+    (msg([{"type": "text"}]), "messages.0.content.0.text", "required"),
+    (msg([{"type": "image_url", "image_url": {"url": 3}}]), "messages.0.content.0.image_url.url", "string"),
+    (msg(5), "messages.0.content", "string"),
+    ({**msg("hi"), "max_tokens": "8"}, "max_tokens", "integer"),
+    ({**msg("hi"), "budget": "0.7"}, "budget", "number"),
+    ({**msg("hi"), "budget": True}, "budget", "number"),
+    ({**msg("hi"), "latency_ms": [100]}, "latency_ms", "number"),
+    ({**msg("hi"), "stream": "yes"}, "stream", "boolean"),
+])  # fmt: skip
+def test_schema_errors_name_the_field(obj, param, words):
+    e = err(parse_request, obj)
+    assert e.param == param
+    assert words in e.message
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"budget": 0.3}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": float("nan")}, "budget"),
+    ({"latency_ms": 0}, "latency_ms"), ({"latency_ms": -5}, "latency_ms"), ({"latency_ms": float("inf")}, "latency_ms"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 100000}, "max_tokens"), ({"temperature": 3}, "temperature"),
+    ({"n": 2}, "n"),
+])  # fmt: skip
+def test_out_of_range_values_are_400_naming_the_range(extra, param):
+    e = err(validate, {**msg("hi"), **extra})
+    assert e.param == param and ("must be" in e.message)
+
+
+def test_valid_request_keeps_caps_and_images():
+    p = validate({**msg([{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]),
+                  "budget": 0.75, "latency_ms": 250, "max_tokens": 5})  # fmt: skip
+    assert p.budget_cap == 0.75 and p.latency_ms == 250 and p.max_tokens == 5 and p.temperature == 0.0
+    assert len(p.images) == 1 and p.images[0].mode == "RGB"
+    assert p.messages == [{"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image"}]}]
+
+
+def test_unknown_fields_from_openai_clients_are_ignored():
+    p = validate({**msg("hi"), "user": "u1", "seed": 3, "stream_options": {"include_usage": True}})
+    assert p.messages[0]["content"][0]["text"] == "hi"
+
+
+@pytest.mark.parametrize("url, code", [
+    ("data:image/png;base64,@@@notbase64@@@", "invalid_base64"),
+    ("data:image/png;base64," + base64.b64encode(b"just some text, not an image").decode(), "invalid_image"),
+    ("data:image/png;base64," + base64.b64encode(png_bytes((64, 64))[:40]).decode(), "invalid_image"),
+    ("data:image/png;base64,", "invalid_image"),
+    ("data:text/plain;base64,aGVsbG8=", "invalid_image"),
+    ("data:image/png,rawdata", "invalid_image_url"),
+    ("notadataurl", "invalid_image_url"),
+])  # fmt: skip
+def test_bad_image_data_is_400(url, code):
+    e = err(decode_data_url, url, "messages.0.content.0.image_url.url", Limits())
+    assert e.code == code and e.param == "messages.0.content.0.image_url.url"
+
+
+def test_corrupt_image_body_is_400():
+    raw = bytearray(png_bytes((64, 64)))
+    raw[60:80] = b"\x00" * 20  # damage the compressed data past the header
+    e = err(decode_data_url, data_url(bytes(raw)), "p", Limits())
+    assert e.code == "invalid_image"
+
+
+def test_image_limits_bytes_pixels_and_count():
+    big = png_bytes((300, 300))
+    e = err(decode_data_url, data_url(big), "p", Limits(max_image_bytes=100))
+    assert e.code == "image_too_large"
+    e = err(decode_data_url, data_url(big), "p", Limits(max_image_pixels=300 * 300 - 1))
+    assert e.code == "image_too_large" and "pixels" in e.message
+    part = {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}
+    e = err(validate, msg([part, part]), Limits(max_images=1))
+    assert e.code == "too_many_images" and e.param == "messages.0.content.1"
+
+
+@pytest.mark.parametrize("url, limits, words", [
+    ("http://example.com/a.png", Limits(), "fetching image URLs is off"),
+    ("file:///etc/passwd", Limits(fetch_images=True, allowed_image_hosts=["example.com"]), "scheme 'file'"),
+    ("ftp://example.com/a.png", Limits(), "scheme 'ftp'"),
+    ("https://evil.com/a.png", Limits(fetch_images=True, allowed_image_hosts=["example.com"]), "allow-list"),
+    ("https://example.com.evil.com/a.png", Limits(fetch_images=True, allowed_image_hosts=["example.com"]), "allow-list"),
+    ("https://u:p@example.com/a.png", Limits(fetch_images=True, allowed_image_hosts=["example.com"]), "credentials"),
+])  # fmt: skip
+def test_disallowed_urls_are_refused_without_contacting_them(url, limits, words):
+    e = err(check_image_url, url, "p", limits)
+    assert e.code == "url_not_allowed" and words in e.message
+
+
+def test_allow_list_matching():
+    allowed = ["images.example.com", ".cdn.org"]
+    assert host_allowed("images.example.com", allowed) and host_allowed("IMAGES.example.com.", allowed)
+    assert host_allowed("a.cdn.org", allowed) and host_allowed("cdn.org", allowed)
+    assert not host_allowed("example.com", allowed) and not host_allowed("evilcdn.org", allowed)
+    assert not host_allowed("images.example.com.evil", allowed) and not host_allowed("", allowed)
+    ok = Limits(fetch_images=True, allowed_image_hosts=allowed)
+    assert check_image_url("https://a.cdn.org/x.png", "p", ok) == "https://a.cdn.org/x.png"
