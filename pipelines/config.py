@@ -1,0 +1,222 @@
+"""Typed configs for the pipelines: dataclass defaults, a YAML file that names what differs, `key=value` overrides.
+
+    cfg = load_config(TrainConfig, "pipelines/configs/tiny_base.yaml", ["max_steps=20", "lr=3e-4"])
+
+Unknown keys and values of the wrong type are errors that name the key (a typo never silently becomes a default).
+Only the standard library and PyYAML here: `--help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# The project folder: default home of runs/, mlflow.db, mlruns/ and the bundled data.
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainConfig:
+    """One training run (stage `base` or `adapt`). Defaults follow the paper's recipe (spec section 4) where it has
+    one: lr 1e-5, cosine with 3% warm-up, 1 epoch, global batch 128, bf16, gradient checkpointing, frozen CLIP."""
+
+    # --- what to train
+    stage: Literal["base", "adapt"] = "adapt"  # base: plain LLaVA path (budget 1.0); adapt: AdaLLaVA fine-tuning
+    preset: str = "tiny"  # the model family, for tags ("tiny" builds from random init in stage base)
+    init_from: str | None = None  # a checkpoint dir: required for adapt (the base), optional for base
+    # build_tiny keyword arguments when the base starts from random init (e.g. hidden_size, num_hidden_layers)
+    model_overrides: dict = field(default_factory=dict)
+    # --- data
+    dataset: str = "bundled"  # "bundled" (generated on first use) or a LLaVA conversation JSON file
+    data_dir: str = "data/bundled"  # where the bundled dataset lives (relative paths: to the project folder)
+    image_root: str | None = None  # images of a JSON dataset (default: the JSON file's folder)
+    data_seed: int = 0
+    num_train: int = 2000  # bundled dataset sizes
+    num_validation: int = 200
+    num_test: int = 400
+    on_bad: Literal["skip", "fail"] = "skip"  # bad records: skip and count (reported at the end), or stop at the first
+    max_length: int = 512
+    # --- scale
+    num_workers: int = 2
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards parameters, gradients and optimizer state (7B+)
+    # --- optimisation
+    global_batch_size: int = 128  # LLaVA-1.5 stage 2; = micro_batch_size * num_workers * grad accumulation
+    micro_batch_size: int = 16  # per worker per forward
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    epochs: float = 1.0
+    max_steps: int = -1  # optimizer steps; > 0 overrides epochs
+    max_grad_norm: float = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast (weights and optimizer state stay fp32)
+    gradient_checkpointing: bool = True
+    freeze_vision_tower: bool = True  # CLIP stays frozen (spec 4); the projector and the LM train
+    seed: int = 0
+    # --- checkpoints, fault tolerance
+    checkpoint_every: int = 100  # optimizer steps; the last step always checkpoints
+    num_to_keep: int = 2
+    storage_path: str = "runs"  # local folder (relative: to the project folder), or s3://..., or an NFS mount
+    name: str | None = None  # run name under storage_path (default: <preset>-<stage>)
+    max_failures: int = 2  # worker restarts (each resumes from the latest checkpoint); -1 = unlimited
+    fail_at_step: int = -1  # fault-injection for tests: a worker process exits at this step, once (see fail_marker)
+    fail_marker: str | None = None  # file that records the injected failure so that it happens only once
+    # --- tracking and logging
+    mlflow_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "adallava"
+    log_every: int = 1  # MLflow metrics every N steps
+    report_every: int = 10  # ray.train.report every N steps (a barrier across workers) and at every checkpoint
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # Ray Train's own logs (INFO: every report)
+    progress: bool = True  # progress bar from rank 0
+    address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a local cluster on 127.0.0.1)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of an adapted checkpoint on a budget grid, against early exit, random skipping and the full model."""
+
+    model: str = ""  # the adapted (AdaLLaVA) checkpoint dir: required
+    base: str | None = None  # the base checkpoint the baselines run on (default: `model`)
+    dataset: str = "bundled"
+    data_dir: str = "data/bundled"
+    split: str = "test"
+    image_root: str | None = None
+    on_bad: Literal["skip", "fail"] = "skip"
+    max_examples: int = -1  # -1: the whole split
+    budgets: list | None = None  # default: the model's own budget steps (adallava.budget.budget_grid)
+    methods: list = field(default_factory=lambda: ["adallava", "early_exit", "random_skip", "full"])
+    batch_size: int = 64
+    max_new_tokens: int = 8
+    latency_samples: int = 24  # requests timed one at a time per (method, budget) for prefill / per-token latency
+    num_qualitative: int = 3  # examples in the qualitative figure
+    seed: int = 0  # random-skip plans
+    output_dir: str = "runs/eval"
+    mlflow_tracking_uri: str | None = None
+    experiment: str = "adallava"
+    run_name: str | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """value converted to the annotated type, or ValueError naming the key. YAML gives int/float/bool/str/None/list/
+    dict; a float field also takes an int and a numeric string ("1e-5": YAML 1.1 reads that as a string)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ValueError(f"{key}: expected a list like [a, b], got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"{key}: expected a mapping like {{a: 1}}, got {value!r}")
+    raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["lr=3e-4", "use_gpu=true", "budgets=[0.5, 1.0]"] -> dict; each value is read as YAML."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({e.problem})") from None
+    return out
+
+
+def build_config(cls, values: dict[str, Any], source: str = "config"):
+    """An instance of the dataclass `cls` from a mapping; unknown keys and wrong types raise ValueError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    return cls(**{k: _check_type(k, v, hints[k]) for k, v in values.items()})
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Dataclass defaults <- YAML file <- key=value overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value at the top level")
+        values.update(loaded or {})
+        build_config(cls, values, source=str(path))  # name the file if the file itself is wrong
+    values.update(parse_overrides(overrides or []))
+    return build_config(cls, values, source="overrides" if path is None else f"{path} + overrides")
+
+
+def project_path(p: str | Path) -> Path:
+    """A relative path is relative to the project folder (so commands work from any working directory)."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else PROJECT_DIR / p
+
+
+def resolve_storage_path(p: str) -> str:
+    """Local paths become absolute under the project folder; URIs (s3://, gs://, ...) pass through."""
+    return p if "://" in p else str(project_path(p))
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    import os
+
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+
+
+def as_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
