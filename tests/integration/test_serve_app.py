@@ -1,0 +1,317 @@
+"""The Serve application end to end on a local Ray cluster (loopback): the official openai client, every bad-input
+case (4xx, OpenAI-style body, server keeps serving), budgets that fall under a burst and come back, 429 when even
+the floor cannot keep up, and a replica that fails its health check being replaced. One app for the whole module."""
+
+import base64
+import concurrent.futures as cf
+import io
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(size=(40, 40), colour=(200, 30, 30)):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(raw, mime="image/png"):
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+class _Images(BaseHTTPRequestHandler):
+    """A loopback image host for the allow-list path (nothing outside this machine is contacted)."""
+
+    def do_GET(self):
+        if self.path == "/slow.png":
+            time.sleep(3)
+        body = {"/ok.png": png(), "/slow.png": png(), "/big.png": os.urandom(300_000), "/text.png": b"hello"}.get(
+            self.path
+        )
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    images = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model_name": "adallava-test", "max_batch_size": 4, "min_replicas": 2, "max_replicas": 2,
+        "health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "fault_injection": True, "profile_tokens": 4,
+        # an SLO a single request meets easily and a burst of dozens does not; 429 only far beyond that
+        "policy": {"slo_ms": 250, "tokens": 8, "smoothing_s": 0.5, "hysteresis": 0.25, "reject_factor": 1.0},
+        "limits": {"default_max_tokens": 8, "max_images": 1, "max_image_bytes": 200_000, "max_image_pixels": 512 * 512,
+                   "fetch_images": True, "allowed_image_hosts": ["127.0.0.1"], "fetch_timeout_s": 1.0},
+    }  # fmt: skip
+    serve.run(build_app(args), name="adallava", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "images": f"http://127.0.0.1:{images.server_address[1]}"}
+    serve.shutdown()
+    ray.shutdown()
+    images.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server["url"], timeout=60) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------------------------------- openai
+
+
+def test_models_and_health(client, http):
+    assert [m.id for m in client.models.list().data] == ["adallava-test"]
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_text_completion_with_openai_client(client):
+    r = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "What is this?"}],
+                                       max_tokens=6)  # fmt: skip
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    assert 1 <= r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 0
+    ada = r.model_extra["adallava"]
+    assert 0.5 <= ada["budget"] <= 1.0 and ada["flops"] > 0 and len(ada["execution_plan"]) == 8
+    assert ada["latency_ms"]["total"] > 0 and ada["load"]["source"] == "load_board" and ada["load"]["replicas"] == 2
+
+
+def test_image_completion_and_budget_extension(client):
+    content = [{"type": "image_url", "image_url": {"url": data_url(png())}}, {"type": "text", "text": "What colour?"}]
+    full = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": content}],
+                                          max_tokens=4, extra_body={"budget": 1.0})  # fmt: skip
+    low = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": content}],
+                                         max_tokens=4, extra_body={"budget": 0.5})  # fmt: skip
+    a, b = full.model_extra["adallava"], low.model_extra["adallava"]
+    assert b["budget"] == 0.5 and b["budget_cap"] == 0.5
+    assert b["execution_plan"][4:] == [0.0, 0.0, 0.0, 0.0]  # budget 0.5 = the 4 prefix layers only
+    assert b["flops"] < a["flops"]
+    assert a["budget"] <= 1.0
+
+
+def test_latency_target_caps_the_budget(client):
+    r = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, extra_body={"latency_ms": 0.001})  # fmt: skip
+    ada = r.model_extra["adallava"]
+    assert ada["budget"] == 0.5 and ada["latency_ms_target"] == 0.001  # unreachable target -> the floor, not more
+
+
+def test_streaming_with_openai_client(client):
+    stream = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "Describe"}],
+                                            max_tokens=6, stream=True, extra_body={"budget": 0.75})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].model_extra["adallava"]["budget"] == 0.75
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    same = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "Describe"}],
+                                          max_tokens=6, extra_body={"budget": 0.75})  # fmt: skip
+    assert text == same.choices[0].message.content  # greedy: streamed == non-streamed
+
+
+def test_sse_wire_format(http):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                                 "stream": True})  # fmt: skip
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_fetch_from_an_allow_listed_host(http, server):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": server["images"] + "/ok.png"}}, {"type": "text", "text": "?"}]}],
+        "max_tokens": 2})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------------------------------------------------- bad input
+
+
+def chat(content, **extra):
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+def image(url):
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+
+
+def corrupt_png():
+    raw = bytearray(png((64, 64)))
+    raw[60:90] = b"\x00" * 30
+    return bytes(raw)
+
+
+BAD = [
+    ("malformed json", b'{"messages": [', 400, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, "invalid_json"),
+    ("missing messages", {"max_tokens": 2}, 400, "missing_field"),
+    ("messages wrong type", {"messages": "hello"}, 400, "invalid_type"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_type"),
+    ("unknown part type", chat([{"type": "audio", "data": "x"}]), 400, "invalid_type"),
+    ("max_tokens wrong type", chat("hi", max_tokens="many"), 400, "invalid_type"),
+    ("bad base64", chat(image("data:image/png;base64,%%%%")), 400, "invalid_base64"),
+    ("non-image bytes", chat(image(data_url(b"plain text, not a picture"))), 400, "invalid_image"),
+    ("truncated image", chat(image(data_url(png((64, 64))[:50]))), 400, "invalid_image"),
+    ("corrupt image", chat(image(data_url(corrupt_png()))), 400, "invalid_image"),
+    ("image too many bytes", chat(image(data_url(os.urandom(250_000)))), 400, "image_too_large"),
+    ("image too many pixels", chat(image(data_url(png((600, 600))))), 400, "image_too_large"),
+    ("too many images", chat(image(data_url(png())) + image(data_url(png()))), 400, "too_many_images"),
+    ("budget below range", chat("hi", budget=0.2), 400, "invalid_value"),
+    ("budget above range", chat("hi", budget=1.2), 400, "invalid_value"),
+    ("budget not a number", chat("hi", budget="fast"), 400, "invalid_type"),
+    ("budget NaN", b'{"messages": [{"role": "user", "content": "hi"}], "budget": NaN}', 400, "invalid_value"),
+    ("latency not positive", chat("hi", latency_ms=-1), 400, "invalid_value"),
+    ("latency not a number", chat("hi", latency_ms="soon"), 400, "invalid_type"),
+    ("file scheme", chat(image("file:///etc/passwd")), 400, "url_not_allowed"),
+    ("host not allowed", chat(image("http://localhost:1/a.png")), 400, "url_not_allowed"),
+    ("unknown model", {**chat("hi"), "model": "gpt-9"}, 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_4xx_with_an_error_body(http, name, body, status, code):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = http.post("/v1/chat/completions", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["message"]
+
+
+@pytest.mark.parametrize("path, code, words", [
+    ("/big.png", "image_too_large", "too large"), ("/slow.png", "image_fetch_failed", "timed out"),
+    ("/text.png", "invalid_image", "not an image"), ("/missing.png", "image_fetch_failed", "HTTP 404"),
+])  # fmt: skip
+def test_bad_fetched_images_are_4xx(http, server, path, code, words):
+    r = http.post("/v1/chat/completions", json=chat(image(server["images"] + path)))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code and words in r.json()["error"]["message"]
+
+
+def test_server_keeps_serving_after_bad_input(client, http):
+    for _, body, _, _ in BAD[:6]:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        http.post("/v1/chat/completions", **kw)
+    r = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+
+
+def _post_many(http_url, n, workers, **extra):
+    import httpx
+
+    def one(_):
+        with httpx.Client(base_url=http_url, timeout=120) as c:
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Describe it"}],
+                                                     "max_tokens": 8, **extra})  # fmt: skip
+            return r.status_code, r.json(), r.headers
+
+    with cf.ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def _quiet_budget(http):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    assert r.status_code == 200
+    return r.json()["adallava"]
+
+
+def test_a_burst_lowers_budgets_on_all_replicas_and_they_recover(server, http):
+    time.sleep(2)
+    assert _quiet_budget(http)["budget"] == 1.0
+    results = _post_many(server["url"], 96, 48)
+    ok = [body["adallava"] for status, body, _ in results if status == 200]
+    assert len(ok) >= 24, [s for s, _, _ in results]
+    budgets = [a["budget"] for a in ok]
+    assert min(budgets) < 1.0, budgets  # the load made the replicas trade compute for latency
+    lowered = {a["replica"] for a in ok if a["budget"] < 1.0}
+    assert len(lowered) == 2  # both replicas lowered: each saw the cluster's load, not only its queue
+    assert max(a["load"]["cluster_ongoing"] for a in ok) > 4
+    assert all(a["load"]["source"] == "load_board" for a in ok)
+    # the burst is over: within a few seconds the budgets come back
+    deadline, back = time.time() + 30, None
+    while time.time() < deadline:
+        time.sleep(1)
+        back = _quiet_budget(http)
+        if back["budget"] == 1.0:
+            break
+    assert back["budget"] == 1.0, back
+
+
+def test_overload_beyond_the_floor_gets_429_with_retry_after(server, http):
+    results = _post_many(server["url"], 400, 200)
+    statuses = [s for s, _, _ in results]
+    rejected = [(body, headers) for s, body, headers in results if s == 429]
+    assert rejected, (statuses, max(b["adallava"]["load"]["cluster_ongoing"] for s, b, _ in results if s == 200))
+    body, headers = rejected[0]
+    assert int(headers["retry-after"]) >= 1
+    assert body["error"]["code"] == "overloaded" and body["error"]["type"] == "rate_limit_error"
+    assert set(statuses) <= {200, 429}  # overload is shed, never a 500
+    time.sleep(3)
+    assert _quiet_budget(http)["budget"] >= 0.5  # and the server serves again afterwards
+
+
+def test_a_replica_failing_its_health_check_is_replaced(server, client):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("AdaLlavaModel", app_name="adallava")
+    before = {handle.info.remote().result()["replica"] for _ in range(20)}
+    broken = handle.inject_fault.remote().result()
+    assert broken in before
+    deadline, seen_new = time.time() + 90, set()
+    while time.time() < deadline:
+        seen = {handle.info.remote().result()["replica"] for _ in range(10)}
+        seen_new |= seen - before
+        if seen_new and broken not in seen:
+            break
+        time.sleep(1)
+    assert seen_new, "no replacement replica appeared"
+    assert broken not in {handle.info.remote().result()["replica"] for _ in range(20)}
+    r = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
