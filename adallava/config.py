@@ -42,6 +42,12 @@ class AdaLlavaConfig(LlavaConfig):
     gumbel_tau: float = 5.0
     # Width of the sinusoidal budget encoding fed to the latency encoder's MLP.
     latency_embed_dim: int = 256
+    # Visual-token selection that composes with any plan (spec 5): "fastv" drops the image tokens the latency token
+    # attends to least after layer fastv_k; "prumerge" / "prumerge+" reduce the vision tower's patches before the
+    # projector (CLS-attention outliers merged with their nearest neighbours; "+" adds spatially uniform patches).
+    token_selection: Literal["none", "fastv", "prumerge", "prumerge+"] = "none"
+    fastv_k: int = 2  # FastV's K: layers that see every image token (K=2 in the paper's table)
+    fastv_ratio: float = 0.5  # FastV's R: fraction of image tokens dropped after layer K
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -63,6 +69,12 @@ class AdaLlavaConfig(LlavaConfig):
             raise ValueError(f"group_size must divide num_attention_heads={heads}, got {self.group_size}")
         if self.latency_embed_dim % 2:
             raise ValueError(f"latency_embed_dim must be even, got {self.latency_embed_dim}")
+        if self.token_selection not in ("none", "fastv", "prumerge", "prumerge+"):
+            raise ValueError(f"token_selection must be none, fastv, prumerge or prumerge+, got {self.token_selection!r}")
+        if not 1 <= self.fastv_k <= self.num_prefix_layers:
+            raise ValueError(f"fastv_k must be in [1, num_prefix_layers={self.num_prefix_layers}], got {self.fastv_k}")
+        if not 0.0 <= self.fastv_ratio < 1.0:
+            raise ValueError(f"fastv_ratio (fraction of image tokens dropped) must be in [0, 1), got {self.fastv_ratio}")
         if not self.gumbel_tau > 0:
             raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
 

@@ -58,9 +58,10 @@ def scheduler_flops(config) -> float:
     return float(2 * (config.latency_embed_dim * h + h * h) + 2 * h * out)
 
 
-def request_flops(config, plan, prompt_len, num_generated, num_images=None) -> torch.Tensor:
+def request_flops(config, plan, prompt_len, num_generated, num_images=None, pruned_len=None) -> torch.Tensor:
     """FLOPs of each request [B] (float64): prefill of prompt_len tokens (latency token included), then one decode
-    step per generated token after the first, lm_head once per generated token."""
+    step per generated token after the first, lm_head once per generated token. pruned_len [B]: tokens left after
+    FastV drops image tokens at layer config.fastv_k (layers from there on see only those)."""
     text = config.text_config
     hidden, head_dim = text.hidden_size, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     q, kv, neurons = _active_sizes(config, plan)
@@ -68,9 +69,10 @@ def request_flops(config, plan, prompt_len, num_generated, num_images=None) -> t
     num_generated = num_generated.detach().cpu().double()
     total = torch.zeros(plan.shape[0], dtype=torch.float64)
     for b in range(plan.shape[0]):
-        n, g = float(prompt_len[b]), float(num_generated[b])
+        g = float(num_generated[b])
         steps = max(g - 1, 0)
         for layer in range(config.num_layers):
+            n = float(prompt_len[b]) if pruned_len is None or layer < config.fastv_k else float(pruned_len[b])
             args = (hidden, head_dim, float(q[b, layer]), float(kv[b, layer]), float(neurons[b, layer]))
             total[b] += layer_flops(*args, n_new=n, n_ctx_start=0)
             if steps:  # decode steps attend to n+1, ..., n+steps keys

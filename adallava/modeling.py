@@ -26,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
+from . import tokens
 from . import budget as budgets
 from . import cost
 from .config import AdaLlavaConfig
@@ -149,6 +150,9 @@ class DecodeState:
     length: int = 0  # slots filled
     plan: torch.Tensor | None = None
     groups: dict[int, list[_Group]] = field(default_factory=dict)
+    # After FastV drops image tokens at layer fastv_k, later layers use their own, shorter slot space.
+    key_valid_post: torch.Tensor | None = None
+    length_post: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,7 +231,13 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return self.latency_encoder(budgets.encoder_input(budget, self.config))
 
     @staticmethod
-    def insert_latency_token(embeds, attention_mask, labels, latency_embeds):
+    def latency_token_index(T: int, pos: torch.Tensor):
+        """For a length-T sequence getting one token inserted at pos [B]: (source index [B, T+1], is-latency mask)."""
+        j = torch.arange(T + 1, device=pos.device)[None]
+        return (j - (j > pos[:, None]).long()).clamp(max=T - 1), j == pos[:, None]
+
+    @classmethod
+    def insert_latency_token(cls, embeds, attention_mask, labels, latency_embeds):
         """Insert one latency token per row (spec 1.4): right after the last IGNORE label among real tokens (before the
         final answer) in training, at the end of the prompt when there are no labels. Returns embeds, mask, labels
         (IGNORE at the token) and the token's position, all with sequence length T + 1."""
@@ -238,14 +248,53 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         else:
             ignore = (labels == IGNORE_INDEX) & attention_mask.bool()
             pos = torch.where(ignore, idx, -1).max(-1).values + 1
-        j = torch.arange(T + 1, device=embeds.device)[None]
-        src = (j - (j > pos[:, None]).long()).clamp(max=T - 1)
-        is_lat = j == pos[:, None]
+        src, is_lat = cls.latency_token_index(T, pos)
         out = embeds.gather(1, src[..., None].expand(-1, -1, D))
         out = torch.where(is_lat[..., None], latency_embeds[:, None].to(out.dtype), out)
         mask = attention_mask.gather(1, src).masked_fill(is_lat, 1)
         new_labels = None if labels is None else labels.gather(1, src).masked_fill(is_lat, IGNORE_INDEX)
         return out, mask, new_labels, pos
+
+    def prepare_inputs(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, inputs_embeds=None,
+                       image_sizes=None):  # fmt: skip
+        """Embeddings, attention mask, labels and image-token mask [B, T] of a batch. With PruMerge(+), each image
+        brings only its selected (and merged) patches: the unused placeholders are dropped and rows packed right."""
+        cfg = self.config
+        if cfg.token_selection not in ("prumerge", "prumerge+") or pixel_values is None:
+            embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, image_sizes)
+            if attention_mask is None:
+                attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            if input_ids is not None:
+                image_mask = input_ids == cfg.image_token_id
+            else:
+                image_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            return embeds, attention_mask, labels, image_mask
+        if input_ids is None:
+            raise ValueError("PruMerge needs input_ids to find each image's <image> placeholders")
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError("PruMerge selects patches by the CLS token's attention: vision_feature_select_strategy "
+                             "must be 'default'")  # fmt: skip
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)
+        hs, cls_attn, keys = tokens.cls_attention_and_keys(
+            self.model.vision_tower, pixel_values.to(self.dtype), cfg.vision_feature_layer
+        )
+        feats = hs[cfg.vision_feature_layer][:, 1:]
+        reduced, valid = tokens.prumerge(feats, cls_attn, keys, plus=cfg.token_selection == "prumerge+")
+        placeholder = input_ids == cfg.image_token_id
+        if int(placeholder.sum()) != valid.numel():
+            raise ValueError(f"{int(placeholder.sum())} <image> placeholder tokens for {valid.shape[0]} images of "
+                             f"{valid.shape[1]} patches each")  # fmt: skip
+        projected = self.model.multi_modal_projector(reduced[valid]).to(embeds.dtype)
+        used = torch.zeros_like(placeholder)
+        used[placeholder] = valid.flatten()
+        embeds = embeds.masked_scatter(used[..., None], projected)
+        index, kept = tokens.pack_right((~placeholder | used) & attention_mask.bool())
+        embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        if labels is not None:
+            labels = labels.gather(1, index).masked_fill(~kept, IGNORE_INDEX)
+        return embeds, kept.long(), labels, used.gather(1, index) & kept
 
     def resolve_budget(self, budget, batch_size: int) -> torch.Tensor:
         """Validated budgets [B] (float64). In training with no budget given: one random step per sample (spec 2.5);
@@ -352,13 +401,16 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return groups
 
     def decode(self, h, key_valid, position_ids, budget, latency_pos=None, *, state=None, plan=None, mode="skip",
-               generator=None):  # fmt: skip
+               generator=None, image_mask=None, selection=None):  # fmt: skip
         """Run the language model's layers on h [B, T, D] -> (final-norm hidden states, plan).
 
         key_valid [B, >= past+T]: which key slots are real tokens; position_ids [B, T]. The plan comes from (in order):
         `plan`, `state.plan`, or the scheduler at the input of layer num_prefix_layers (needs latency_pos and budget).
         mode "mask" runs every layer on every row with switches as multipliers (training); "skip" skips and slices.
         With a state, KV caches live in it and the new tokens take slots state.length .. state.length+T-1.
+        With token_selection="fastv" and image_mask [B, T] (a prefill), image tokens are dropped after layer fastv_k;
+        `selection` (a dict, optional) receives "index" [B, T'] (which input positions the output rows are) and
+        "valid" [B, T'].
         """
         cfg = self.config
         lm = self.model.language_model
@@ -370,8 +422,36 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if plan is None and state is not None:
             plan = state.plan
         stochastic = self.training
+        prefill_fastv = cfg.token_selection == "fastv" and image_mask is not None and bool(image_mask.any())
+        post_segment = state is not None and state.key_valid_post is not None
+        h_prev = None
         for i, layer in enumerate(self._layers):
+            if i == cfg.fastv_k and prefill_fastv:
+                scores = self._latency_attention(self._layers[i - 1], h_prev, cos, sin, masks, latency_pos, i - 1)
+                index, valid = tokens.fastv_keep(scores, image_mask, key_valid[:, past : past + T], cfg.fastv_ratio)
+                h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
+                cos = cos.gather(1, index[..., None].expand(-1, -1, cos.shape[-1]))
+                sin = sin.gather(1, index[..., None].expand(-1, -1, sin.shape[-1]))
+                latency_pos = None if latency_pos is None else (index == latency_pos[:, None]).long().argmax(1)
+                T2 = index.shape[1]
+                if selection is not None:
+                    selection.update(index=index, valid=valid)
+                if state is not None:
+                    state.key_valid_post = torch.zeros(B, state.capacity, dtype=torch.bool, device=h.device)
+                    state.key_valid_post[:, :T2] = valid
+                    kv_post = state.key_valid_post
+                else:
+                    kv_post = valid
+                past = 0
+                masks = self._attention_masks(kv_post, torch.arange(T2, device=h.device), T2)
+            elif i == cfg.fastv_k and post_segment:  # a decode step after a FastV prefill
+                past = state.length_post
+                state.key_valid_post[:, past : past + T] = True
+                masks = self._attention_masks(state.key_valid_post, torch.arange(past, past + T, device=h.device),
+                                              past + T)  # fmt: skip
             mask = masks[self._layer_window(i)]
+            if i == cfg.fastv_k - 1 and prefill_fastv:
+                h_prev = h
             if i == cfg.num_prefix_layers and plan is None:
                 if latency_pos is None:
                     raise ValueError("no plan: the scheduler needs the latency token position and the budget")
@@ -414,8 +494,30 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     out = self._run_layer(layer, g.weights, h[g.rows], cos[g.rows], sin[g.rows], mask[g.rows], g, past)
                     h = h.index_copy(0, g.rows, out)
         if state is not None:
-            state.length = past + T
+            if prefill_fastv or post_segment:
+                state.length += T
+                state.length_post = past + h.shape[1]
+            else:
+                state.length = past + T
         return lm.norm(h), plan
+
+    def _latency_attention(self, layer, h_in, cos, sin, masks, latency_pos, layer_idx):
+        """[B, T]: the attention the latency token pays to each token in `layer` (input h_in), averaged over heads.
+        FastV's criterion, with the latency token (the last prompt token) as the query."""
+        a = layer.self_attn
+        d = a.head_dim
+        B, T, _ = h_in.shape
+        rows = torch.arange(B, device=h_in.device)
+        x = layer.input_layernorm(h_in)
+        q = F.linear(x[rows, latency_pos], a.q_proj.weight, a.q_proj.bias).view(B, -1, 1, d)
+        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, d).transpose(1, 2)
+        cq, sq = cos[rows, latency_pos][:, None, None], sin[rows, latency_pos][:, None, None]
+        q = q * cq + rotate_half(q) * sq
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) * a.scaling  # [B, H, T]
+        allowed = masks[self._layer_window(layer_idx)][rows, 0, latency_pos]  # [B, T]
+        return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
 
     def execution_plan_fractions(self, plan: torch.Tensor) -> torch.Tensor:
         """[B, S, 2, H] switches -> [B, num_layers]: fraction of each layer's units that ran (prefix layers: 1)."""
@@ -431,18 +533,24 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Training and scoring forward. budget: a float or one per row (random per sample in training when None).
         plan_mode: "mask" (training default) or "skip" (inference default). execution_plan: a [B, S, 2, H] plan to
         run instead of the scheduler's."""
-        embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, image_sizes)
+        embeds, attention_mask, labels, image_mask = self.prepare_inputs(
+            input_ids, pixel_values, attention_mask, labels, inputs_embeds, image_sizes
+        )
         B, T = embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
         budget = self.resolve_budget(budget, B)
         lat = self.latency_token(budget.to(embeds.device))
         h, mask, labels, lat_pos = self.insert_latency_token(embeds, attention_mask, labels, lat)
+        src, is_lat = self.latency_token_index(T, lat_pos)
+        image_mask = image_mask.gather(1, src) & ~is_lat
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         mode = plan_mode or ("mask" if self.training else "skip")
+        selection = {}
         hidden, plan = self.decode(
-            h, mask.bool(), position_ids, budget, lat_pos, plan=execution_plan, mode=mode, generator=generator
-        )
+            h, mask.bool(), position_ids, budget, lat_pos, plan=execution_plan, mode=mode, generator=generator,
+            image_mask=image_mask, selection=selection,
+        )  # fmt: skip
+        if selection and labels is not None:  # FastV dropped image tokens: labels follow the rows that remain
+            labels = labels.gather(1, selection["index"]).masked_fill(~selection["valid"], IGNORE_INDEX)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
@@ -479,10 +587,10 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         eos_ids = torch.tensor([] if eos is None else (eos if isinstance(eos, list) else [eos]), device=self.device)
         pad = pad_token_id if pad_token_id is not None else (gen.pad_token_id if gen.pad_token_id is not None else 0)
         t0 = time.perf_counter()
-        embeds = self.embed_inputs(input_ids, pixel_values, inputs_embeds, image_sizes)
+        embeds, attention_mask, _, image_mask = self.prepare_inputs(
+            input_ids, pixel_values, attention_mask, None, inputs_embeds, image_sizes
+        )
         B, T = embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
         budget = budgets.validate_budget(1.0 if budget is None else budget, B, self.config)
         if latency_ms is not None:
             budget = torch.minimum(budget, self.budget_for_latency(latency_ms, input_ids, attention_mask))
@@ -491,15 +599,19 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         order = torch.sort(attention_mask.long(), dim=1, stable=True).indices
         embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
         attention_mask = attention_mask.gather(1, order)
+        image_mask = image_mask.gather(1, order)
         lat = self.latency_token(budget.to(embeds.device))
         h, mask, _, lat_pos = self.insert_latency_token(embeds, attention_mask, None, lat)
+        image_mask = torch.cat([image_mask, torch.zeros_like(image_mask[:, :1])], 1)
         prompt_len = h.shape[1]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         capacity = prompt_len + max_new_tokens
         key_valid = torch.zeros(B, capacity, dtype=torch.bool, device=h.device)
         key_valid[:, :prompt_len] = mask.bool()
         state = DecodeState(capacity=capacity, key_valid=key_valid, plan=execution_plan) if use_cache else None
-        hidden, plan = self.decode(h, key_valid, position_ids, budget, lat_pos, state=state, plan=execution_plan)
+        selection = {}
+        hidden, plan = self.decode(h, key_valid, position_ids, budget, lat_pos, state=state, plan=execution_plan,
+                                   image_mask=image_mask, selection=selection)  # fmt: skip
         logits = self.lm_head(hidden[:, -1])
         t_prefill = time.perf_counter() - t0
 
@@ -525,7 +637,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             else:  # recompute the whole sequence under the same plan (reference path for tests)
                 all_h = torch.cat([all_h, emb], dim=1)
                 all_pos = torch.cat([all_pos, next_pos[:, None]], dim=1)
-                hidden, _ = self.decode(all_h, key_valid[:, : slot + 1], all_pos, budget, plan=plan)
+                image_mask = torch.cat([image_mask, torch.zeros_like(image_mask[:, :1])], 1)
+                hidden, _ = self.decode(all_h, key_valid[:, : slot + 1], all_pos, budget, lat_pos, plan=plan,
+                                        image_mask=image_mask)  # fmt: skip
             logits = self.lm_head(hidden[:, -1])
             next_pos = next_pos + 1
         if streamer is not None:
@@ -539,7 +653,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         num_images = None
         if pixel_values is not None and input_ids is not None:
             num_images = (input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length
-        flops = cost.request_flops(self.config, plan, mask.sum(1), num_generated, num_images)
+        pruned = selection["valid"].sum(1) if selection else None
+        flops = cost.request_flops(self.config, plan, mask.sum(1), num_generated, num_images, pruned)
         return AdaLlavaGenerateOutput(
             sequences=sequences, execution_plan=self.execution_plan_fractions(plan), flops=flops, budget=budget,
             num_generated=num_generated, plan=plan,
