@@ -42,7 +42,7 @@ def questions(n, seed):
         from adallava.data import generate_bundled
     except ImportError:
         return None
-    paths = generate_bundled("data/bundled", seed=seed, num_train=0, num_validation=0, num_test=n, progress=False)
+    paths = generate_bundled("bench/results/serve_load_data", seed=seed, num_train=0, num_validation=0, num_test=n, progress=False)
     recs = json.loads(Path(paths["test"]).read_text())
     root = Path(paths["test"]).parent
     out = []
