@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/adallava demo
+	$(PY) -m pipelines.demo
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -9,6 +9,7 @@ Only the standard library and PyYAML here: `--help` must stay fast.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-# The project folder: default home of runs/, mlflow.db, mlruns/ and the bundled data.
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The project folder: default home of runs/, mlflow.db, mlruns/ and the bundled data. A job sent with
+# `ray job submit --working-dir .` runs in an unpacked copy of the folder; ADALLAVA_HOME points it back at the real one.
+PROJECT_DIR = Path(os.environ.get("ADALLAVA_HOME") or Path(__file__).resolve().parent.parent)
 
 
 @dataclass
@@ -42,6 +44,9 @@ class TrainConfig:
     num_test: int = 400
     on_bad: Literal["skip", "fail"] = "skip"  # bad records: skip and count (reported at the end), or stop at the first
     max_length: int = 512
+    # adallava.objective.LossWeights fields for stage adapt (gamma, distill, latency, budget_dist, ...); empty = the
+    # paper's plain next-token loss with budgets uniform over the model's steps
+    loss_weights: dict = field(default_factory=dict)
     # --- scale
     num_workers: int = 2
     use_gpu: bool = False
@@ -64,7 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # optimizer steps; the last step always checkpoints
     num_to_keep: int = 2
     storage_path: str = "runs"  # local folder (relative: to the project folder), or s3://..., or an NFS mount
-    name: str | None = None  # run name under storage_path (default: <preset>-<stage>)
+    name: str | None = None  # run name under storage_path (default: <preset>-<stage>-<time>); same name = resume
     max_failures: int = 2  # worker restarts (each resumes from the latest checkpoint); -1 = unlimited
     fail_at_step: int = -1  # fault-injection for tests: a worker process exits at this step, once (see fail_marker)
     fail_marker: str | None = None  # file that records the injected failure so that it happens only once
@@ -98,6 +103,7 @@ class EvalConfig:
     num_qualitative: int = 3  # examples in the qualitative figure
     seed: int = 0  # random-skip plans
     output_dir: str = "runs/eval"
+    num_threads: int = 1  # torch threads; 1 gives steadier latency figures for small models on a shared CPU
     mlflow_tracking_uri: str | None = None
     experiment: str = "adallava"
     run_name: str | None = None
@@ -213,8 +219,6 @@ def resolve_storage_path(p: str) -> str:
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    import os
-
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
 
 

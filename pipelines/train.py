@@ -110,6 +110,15 @@ def validate(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there (no config.json)")
     if cfg.init_from and cfg.model_overrides:
         raise ValueError("model_overrides applies to a model built from random init; it conflicts with init_from")
+    if cfg.loss_weights:
+        from adallava.objective import LossWeights
+
+        known = set(LossWeights.__dataclass_fields__)
+        if set(cfg.loss_weights) - known:
+            raise ValueError(f"loss_weights: unknown key(s) {sorted(set(cfg.loss_weights) - known)}; known: {sorted(known)}")
+        LossWeights(**cfg.loss_weights)  # its own range checks
+        if cfg.stage != "adapt":
+            raise ValueError("loss_weights shape how accuracy is shared across budgets: stage adapt only")
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
     if cfg.checkpoint_every < 1:
@@ -216,6 +225,16 @@ def _quiet_ray_train_worker_logs(level: str) -> None:
     logging.getLogger(context.__file__).setLevel(level)
 
 
+class _ConfiguredModel:
+    """A DDP/FSDP-wrapped model that still answers .config (for adallava.objective.adaptive_loss)."""
+
+    def __init__(self, wrapped, config):
+        self.wrapped, self.config = wrapped, config
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import mlflow
@@ -282,6 +301,12 @@ def train_loop(config: dict) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=(idx for _, idx in batches), collate_fn=collator)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=True)
     budget = 1.0 if cfg.stage == "base" else None  # None in train mode: one random budget per sample (spec 2.5)
+    weights = None
+    if cfg.loss_weights:
+        from adallava.objective import LossWeights, adaptive_loss
+
+        weights = LossWeights(**cfg.loss_weights)
+        as_model = _ConfiguredModel(model, unwrapped.config)  # adaptive_loss reads model.config; DDP hides it
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     run_id = config["mlflow_run_id"]
@@ -309,15 +334,17 @@ def train_loop(config: dict) -> None:
         totals = torch.zeros(3, dtype=torch.float64)
         for micro in range(accum):
             batch = next(it)
+            while batch is None:  # every record of the micro-batch was unreadable (counted by the collator)
+                batch = next(it)
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = micro == accum - 1 or cfg.strategy == "fsdp"
             with model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext():
+                inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
                 with autocast:
-                    out = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                        pixel_values=batch.get("pixel_values"), budget=budget,
-                    )  # fmt: skip
-                loss = out.loss / accum
+                    if weights is None:
+                        loss = model(**inputs, budget=budget).loss / accum
+                    else:
+                        loss = adaptive_loss(as_model, inputs, weights)[0] / accum
                 loss.backward()
             totals += torch.tensor([float(loss.detach()), batch["input_ids"].shape[0], float((batch["labels"] != -100).sum())],
                                    dtype=torch.float64)  # fmt: skip
@@ -344,6 +371,10 @@ def train_loop(config: dict) -> None:
             t_window, window = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
             if rank == 0 and run_id:
                 mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        if rank == 0 and cfg.progress and (step % max(1, steps // 10) == 0 or step == steps):
+            # a plain line too: Ray's bar shows only in an interactive terminal, logs keep these
+            print(f"[{cfg.stage}] step {step}/{steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                  f"{metrics.get('samples_per_s', float('nan')):.1f} samples/s", flush=True)  # fmt: skip
         if bar is not None:
             bar.update(1)
             bar.set_description(f"train {cfg.stage} loss {metrics['loss']:.3f}")
@@ -393,7 +424,8 @@ def run(cfg: TrainConfig) -> TrainOutcome:
 
     validate(cfg)
     train_json, image_root = prepare_dataset(cfg)
-    name = cfg.name or f"{cfg.preset}-{cfg.stage}"
+    # a new run unless a name is given: Ray Train resumes a run of the same name from its latest checkpoint
+    name = cfg.name or f"{cfg.preset}-{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = resolve_storage_path(cfg.storage_path)
     started = init_ray(cfg.address)
     try:

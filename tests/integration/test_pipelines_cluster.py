@@ -5,11 +5,15 @@ succeeds."""
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,10 +60,12 @@ def head_node(tmp_path):
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "head.log", "w")
+    # a short session folder: Ray's unix sockets live there and their paths must stay under 108 characters
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
@@ -69,9 +75,9 @@ def head_node(tmp_path):
             if proc.poll() is not None:
                 raise RuntimeError(f"ray start exited: {(tmp_path / 'head.log').read_text()[-2000:]}")
             try:
-                import urllib.request
-
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # answering (401 without the token): the head is up
                 break
             except Exception:
                 time.sleep(1)
@@ -81,10 +87,14 @@ def head_node(tmp_path):
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)  # the process group this fixture started, nothing else
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_a_training_job(head_node, tmp_path):
