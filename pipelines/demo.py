@@ -1,5 +1,5 @@
 """The main job: generate data -> train the base -> AdaLLaVA fine-tuning -> evaluate, on the embedded default (a local
-Ray cluster on 127.0.0.1, MLflow on sqlite in the project folder). About 15 minutes on 2 CPU cores.
+Ray cluster on 127.0.0.1, MLflow on sqlite in the project folder). About 12 minutes on 2 CPU cores.
 
     python -m pipelines.demo                                   # what `make demo` runs
     python -m pipelines.demo base.max_steps=100 adapt.max_steps=50 eval.max_examples=100   # a quicker look

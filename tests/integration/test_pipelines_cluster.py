@@ -64,7 +64,11 @@ def head_node(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # every agent port free too: the defaults (52365, ...) may be held by another Ray on this machine, and a
+         # head whose job agent cannot bind answers every submission with "No available agent"
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
          f"--temp-dir={temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -106,8 +110,12 @@ def test_ray_job_submit_runs_a_training_job(head_node, tmp_path):
         "num_workers=1", "micro_batch_size=4", "global_batch_size=4", "checkpoint_every=2", "num_train=24",
         "num_validation=4", "num_test=8", "name=submitted", "progress=false",
     ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    out = done.stdout + done.stderr
+    for _ in range(12):  # the dashboard answers before its job agent is ready: retry only that refusal
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+        out = done.stdout + done.stderr
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(5)
     assert done.returncode == 0, out[-4000:]
     assert "succeeded" in out
     # ADALLAVA_HOME put the run, its data and MLflow under tmp_path instead of the job's unpacked working dir
