@@ -35,6 +35,8 @@ from .config import AdaLlavaConfig
 from .scheduler import LatencyEncoder, Scheduler
 
 IGNORE_INDEX = -100
+# Arguments transformers' Trainer and generation utilities pass to forward that mean nothing here.
+_IGNORED_FORWARD_KWARGS = {"return_dict", "use_cache", "num_items_in_batch", "output_attentions", "output_hidden_states"}
 
 
 @dataclass
@@ -533,6 +535,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Training and scoring forward. budget: a float or one per row (random per sample in training when None).
         plan_mode: "mask" (training default) or "skip" (inference default). execution_plan: a [B, S, 2, H] plan to
         run instead of the scheduler's."""
+        unknown = set(kwargs) - _IGNORED_FORWARD_KWARGS
+        if unknown:  # a misspelt budget= must not silently run the full model
+            raise TypeError(f"unexpected forward arguments: {sorted(unknown)}")
         embeds, attention_mask, labels, image_mask = self.prepare_inputs(
             input_ids, pixel_values, attention_mask, labels, inputs_embeds, image_sizes
         )

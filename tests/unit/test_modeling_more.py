@@ -122,6 +122,8 @@ def test_generate_errors_are_clear(llama_layer):
         model.generate(**inputs, budget=float("nan"))
     with pytest.raises(TypeError, match="num_beams"):
         model.generate(**inputs, num_beams=2)
+    with pytest.raises(TypeError, match="budjet"):
+        model(**inputs, budjet=0.5)
 
 
 def test_text_only_requests_work(llama_layer):
