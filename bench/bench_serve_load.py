@@ -98,6 +98,7 @@ async def one(client, item, cfg, t_sched, log):
         rec["budget"] = body["adallava"]["budget"]
         rec["load"] = body["adallava"]["load"]["requests_per_replica"]
         rec["replicas"] = body["adallava"]["load"]["replicas"]
+        rec["slowdown"] = body["adallava"]["load"].get("slowdown")  # the replica's measured/profiled batch time
     log.append(rec)
 
 
@@ -159,6 +160,7 @@ def summarize(log, slo_ms, score):
         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
         "slo_attainment": len(in_slo) / max(n, 1),
         "mean_budget": float(np.mean([r["budget"] for r in ok])) if ok else None,
+        "median_slowdown": float(np.median([r["slowdown"] for r in ok])) if ok and ok[0].get("slowdown") else None,
     }  # fmt: skip
     if score is not None:
         correct = [r for r in ok if score(r["text"], r["gold"])]
@@ -200,13 +202,13 @@ def main(argv=None):
                 s = summarize(log, cfg["slo_ms"], score)
                 results["variants"][name][str(mult)] = s
                 print(f"{name:14s} {mult:>4}x  p50 {s['p50_ms']:7.0f}  p95 {s['p95_ms']:7.0f}  SLO {s['slo_attainment']:.2f}"
-                      f"  429 {s['rejected_429']:4d}  budget {s['mean_budget'] or 0:.2f}"
+                      f"  429 {s['rejected_429']:4d}  budget {s['mean_budget'] or 0:.2f}  slowdown {s['median_slowdown'] or 0:.2f}"
                       + (f"  eff.acc {s['effective_accuracy']:.3f}" if score else ""), flush=True)  # fmt: skip
         # load step with autoscaling allowed
         deploy(cfg, VARIANTS["a_load_aware"], replicas=(1, 2))
         ph = cfg["step_phase_s"]
         log = asyncio.run(poisson(url, items, cfg, [(ph, cap), (ph, 2 * cap), (ph * 1.5, cap)], cfg["seed"] + 1))
-        results["step"] = [{k: r.get(k) for k in ("t", "status", "latency_ms", "budget", "load", "replicas")}
+        results["step"] = [{k: r.get(k) for k in ("t", "status", "latency_ms", "budget", "load", "replicas", "slowdown")}
                            for r in log]  # fmt: skip
         for lo, hi, label in ((0, ph, "1x"), (ph, 2 * ph, "2x"), (2 * ph, 3.5 * ph, "1x again")):
             win = [r for r in log if lo <= r["t"] < hi and r["status"] == 200]

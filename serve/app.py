@@ -197,6 +197,8 @@ class AdaLlavaModel:
         self.m_budget = Histogram("adallava_budget", description="budget chosen per request", boundaries=edges)
         self.m_load = Gauge("adallava_load_per_replica", description="smoothed ongoing requests per replica "
                             "(cluster-wide, running + queued)")  # fmt: skip
+        self.m_slowdown = Gauge("adallava_slowdown_factor", description="this replica's measured/profiled batch time "
+                                "(median over recent batches); multiplies every latency prediction")  # fmt: skip
         self.m_latency = Histogram("adallava_latency_ms", description="request latency in the replica by budget",
                                    boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
                                    tag_keys=("budget",))  # fmt: skip
@@ -258,7 +260,8 @@ class AdaLlavaModel:
         c = self.controller
         return {"requests_per_replica": round(c.load or 0.0, 3), "requests_per_replica_now": round(c.raw_load, 3),
                 "cluster_ongoing": round(self.others + self.ongoing, 3), "replicas": self.n_replicas,
-                "source": self.load_source}  # fmt: skip
+                "source": self.load_source, "slowdown": round(c.slowdown, 3),
+                "slowdown_batches": c.batches_seen}  # fmt: skip
 
     # ---- health and info
     async def check_health(self):
@@ -337,7 +340,8 @@ class AdaLlavaModel:
         for job in jobs:
             lat_budget = None
             if job.latency_ms is not None:
-                lat_budget = budget_for_latency(job.latency_ms, load, self.profile, self.cfg.policy, job.max_tokens)
+                lat_budget = budget_for_latency(job.latency_ms, load, self.profile, self.cfg.policy, job.max_tokens,
+                                                self.controller.slowdown)  # fmt: skip
             used.append(apply_caps(server_budget, job.budget_cap, lat_budget))
         # generate takes one sampling setting per call: requests that differ run as consecutive groups
         groups: dict[tuple, list[int]] = {}
@@ -381,6 +385,9 @@ class AdaLlavaModel:
                 self.failed_reason = f"{self.consecutive_failures} batches failed in a row ({type(e).__name__}: {e})"
             raise
         t_end = time.time()
+        # the profile's prediction for what just ran vs what it took: corrects every later prediction on this replica
+        ran = [([used[i] for i in rows], max(results[i]["steps"] for i in rows)) for rows in group_rows]
+        self.m_slowdown.set(self.controller.observe_batch((t_end - t_start) * 1000, ran))
         final = []
         for i, job in enumerate(jobs):
             r = results[i]
@@ -427,6 +434,7 @@ class AdaLlavaModel:
                         "execution_plan": [round(float(x), 4) for x in out.execution_plan[k]],
                         "flops": float(out.flops[k]),
                         "prefill_ms": out.timings["prefill_s"] * 1000, "decode_ms": out.timings["decode_s"] * 1000,
+                        "steps": int(out.num_generated.max()),  # the group decodes until its longest row stops
                     }  # fmt: skip
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, _DONE)

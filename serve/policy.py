@@ -26,8 +26,32 @@ is regained only when the load has fallen clearly below the level that forced it
 
     b_next = min(f(L_s), max(b_now, f((1 + h) * L_s)))
 
-Admission: when even the floor is predicted to take longer than reject_factor * slo_ms, the request is refused with
-429 and Retry-After = the predicted excess, rounded up to whole seconds (what the queue needs to drain).
+Online correction of the cost model (SlowdownEstimator). The profile is measured once, at replica start, usually on
+a quiet machine; under load the proxy, the ingress and the load generator share the same cores and real batches run
+several times slower than profiled, so a policy that trusts the profile keeps budgets too high and the queue grows
+past the SLO. Each batch knows both numbers: the profile's prediction for its size, budgets and decoded steps, and
+its measured wall time (preprocessing and streaming included: that is what the queue behind it waits for). The
+replica keeps a slowdown factor
+
+    phi = median of the last `slowdown_window` ratios measured/predicted, each clipped to [min, max],
+
+seeded with the window full of 1.0 (trust the profile until batches say otherwise) and multiplies every prediction
+by it: predicted_ms(b, L) * phi. The median, not a mean, so one slow batch (a GC pause, a co-tenant burst) moves
+nothing: it takes more than half the window of slow batches to change phi, and phi never leaves [min, max] however
+wild a sample is. A replica busy enough to matter runs several batches a second, so phi follows a change in
+contention within a couple of seconds, about as fast as the smoothed load.
+
+The factor is kept per replica, not shared through the load board: it corrects this replica's own profile, and what
+it measures (co-tenants, CPU model, thermal state) is a property of the replica's node; a cluster-wide average would
+slow down fast nodes and speed up slow ones. Replicas on one machine see the same contention and learn the same
+factor on their own.
+
+predicted_ms * phi is non-decreasing in L and in phi, so f stays monotone non-increasing in load (at a given phi)
+and in phi (at a given load); the hysteresis band applies unchanged.
+
+Admission: when even the floor is predicted (phi included) to take longer than reject_factor * slo_ms at the load the
+request would join, it is refused at once with 429 and Retry-After = the predicted excess, rounded up to whole
+seconds (what the queue needs to drain), rather than queued to miss the SLO anyway.
 
 Caps: a client's `budget` and `latency_ms` only ever lower the budget (min of the server's choice and the caps).
 """
@@ -48,6 +72,10 @@ class PolicyConfig:
     hysteresis: float = 0.25  # a level comes back only when the load is 25% below the level that forced it down
     reject: bool = True  # 429 when even the floor cannot meet reject_factor * slo_ms; False: queue instead
     reject_factor: float = 1.0
+    # online correction of the start-up profile (see SlowdownEstimator); min == max == 1 turns it off
+    slowdown_window: int = 8  # batches in the median; > half of them must be slow to move the factor
+    slowdown_min: float = 0.5
+    slowdown_max: float = 10.0  # bounds: one wild measurement can never collapse (or inflate) the budgets
 
     def check(self, budget_range: tuple[float, float]) -> "PolicyConfig":
         lo, hi = budget_range
@@ -59,6 +87,11 @@ class PolicyConfig:
                 raise ValueError(f"policy.{name} must be > 0, got {getattr(self, name)}")
         if self.hysteresis < 0:
             raise ValueError(f"policy.hysteresis must be >= 0, got {self.hysteresis}")
+        if not 0 < self.slowdown_min <= 1.0 <= self.slowdown_max:
+            raise ValueError(f"policy needs 0 < slowdown_min <= 1 <= slowdown_max; got slowdown_min="
+                             f"{self.slowdown_min}, slowdown_max={self.slowdown_max}")  # fmt: skip
+        if not (isinstance(self.slowdown_window, int) and self.slowdown_window >= 1):
+            raise ValueError(f"policy.slowdown_window must be an integer >= 1, got {self.slowdown_window!r}")
         return self
 
 
@@ -107,11 +140,41 @@ def batch_ms(profile: LatencyProfile, budget: float, n: float, tokens: int) -> f
     return prefill + max(tokens - 1, 0) * decode
 
 
-def predicted_latency_ms(profile: LatencyProfile, budget: float, load: float, tokens: int) -> float:
-    """Predicted latency of a request that arrives when a replica holds `load` requests (its own included)."""
+def predicted_latency_ms(profile: LatencyProfile, budget: float, load: float, tokens: int,
+                         slowdown: float = 1.0) -> float:  # fmt: skip
+    """Predicted latency of a request that arrives when a replica holds `load` requests (its own included),
+    with the profile scaled by the replica's measured slowdown factor."""
     load = max(float(load), 1.0)
     B = profile.max_batch_size
-    return max(1.0, load / B) * batch_ms(profile, budget, min(load, B), tokens)
+    return slowdown * max(1.0, load / B) * batch_ms(profile, budget, min(load, B), tokens)
+
+
+def predicted_batch_ms(profile: LatencyProfile, budgets: list[float], steps: int) -> float:
+    """The profile's (unscaled) time for one generate() batch with these per-request budgets and `steps` decoded
+    tokens: the batch runs at its largest budget's cost (rows at lower budgets do not make the others cheaper)."""
+    if not budgets:
+        return 0.0
+    return batch_ms(profile, max(budgets), len(budgets), max(int(steps), 1))
+
+
+def update_slowdown(window: list[float], measured_ms: float, predicted_ms: float, cfg: PolicyConfig) -> float:
+    """Add one batch's ratio measured/predicted (clipped to the bounds) to the sliding window (in place, keeping the
+    last cfg.slowdown_window) and return the new factor: the window's median. Non-positive or non-finite inputs
+    are not a measurement and leave the window as it is."""
+    if predicted_ms > 0 and measured_ms > 0 and math.isfinite(measured_ms) and math.isfinite(predicted_ms):
+        window.append(min(max(measured_ms / predicted_ms, cfg.slowdown_min), cfg.slowdown_max))
+        del window[: max(len(window) - cfg.slowdown_window, 0)]
+    return slowdown_factor(window, cfg)
+
+
+def slowdown_factor(window: list[float], cfg: PolicyConfig) -> float:
+    """Median of the window (1.0 when empty), within [slowdown_min, slowdown_max]."""
+    if not window:
+        return 1.0
+    v = sorted(window)
+    n = len(v)
+    med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+    return min(max(med, cfg.slowdown_min), cfg.slowdown_max)
 
 
 def levels(profile: LatencyProfile, cfg: PolicyConfig) -> list[float]:
@@ -121,25 +184,25 @@ def levels(profile: LatencyProfile, cfg: PolicyConfig) -> list[float]:
 
 
 def budget_for_latency(target_ms: float, load: float, profile: LatencyProfile, cfg: PolicyConfig,
-                       tokens: int | None = None) -> float:  # fmt: skip
+                       tokens: int | None = None, slowdown: float = 1.0) -> float:  # fmt: skip
     """The highest level predicted to finish within target_ms at this load; the floor when none does.
     This is the one place that maps latency to budget (both the SLO and a client's latency_ms go through it)."""
     tokens = cfg.tokens if tokens is None else tokens
     lv = levels(profile, cfg)
-    ok = [b for b in lv if predicted_latency_ms(profile, b, load, tokens) <= target_ms]
+    ok = [b for b in lv if predicted_latency_ms(profile, b, load, tokens, slowdown) <= target_ms]
     return max(ok) if ok else lv[0]
 
 
-def budget_for_load(load: float, profile: LatencyProfile, cfg: PolicyConfig) -> float:
-    """f(L): the instantaneous, monotone (non-increasing in L) policy."""
-    return budget_for_latency(cfg.slo_ms, load, profile, cfg)
+def budget_for_load(load: float, profile: LatencyProfile, cfg: PolicyConfig, slowdown: float = 1.0) -> float:
+    """f(L, phi): the instantaneous policy, monotone non-increasing in the load and in the slowdown factor."""
+    return budget_for_latency(cfg.slo_ms, load, profile, cfg, slowdown=slowdown)
 
 
-def retry_after_s(load: float, profile: LatencyProfile, cfg: PolicyConfig) -> int | None:
+def retry_after_s(load: float, profile: LatencyProfile, cfg: PolicyConfig, slowdown: float = 1.0) -> int | None:
     """None when a request can be admitted; else the seconds to wait (>= 1) before the floor can meet the SLO."""
     if not cfg.reject:
         return None
-    predicted = predicted_latency_ms(profile, levels(profile, cfg)[0], load, cfg.tokens)
+    predicted = predicted_latency_ms(profile, levels(profile, cfg)[0], load, cfg.tokens, slowdown)
     limit = cfg.reject_factor * cfg.slo_ms
     if predicted <= limit:
         return None
@@ -153,7 +216,8 @@ def apply_caps(server_budget: float, budget_cap: float | None = None, latency_bu
 
 
 class BudgetController:
-    """Smoothed load + hysteresis around budget_for_load (see the module docstring). One per replica."""
+    """Smoothed load + hysteresis around budget_for_load, with the profile corrected online by the measured slowdown
+    (see the module docstring). One per replica."""
 
     def __init__(self, profile: LatencyProfile, cfg: PolicyConfig):
         self.profile, self.cfg = profile, cfg
@@ -161,6 +225,17 @@ class BudgetController:
         self.raw_load = 0.0
         self.budget = levels(profile, cfg)[-1]
         self._t: float | None = None
+        self.ratios: list[float] = []  # the last slowdown_window measured/predicted batch ratios (clipped)
+        self.slowdown = 1.0
+        self.batches_seen = 0
+
+    def observe_batch(self, measured_ms: float, groups: list[tuple[list[float], int]]) -> float:
+        """Feed one finished batch: its wall time and, per generate() call it made, (budgets, tokens decoded).
+        Returns the updated slowdown factor."""
+        predicted = sum(predicted_batch_ms(self.profile, budgets, steps) for budgets, steps in groups)
+        self.batches_seen += 1
+        self.slowdown = update_slowdown(self.ratios, measured_ms, predicted, self.cfg)
+        return self.slowdown
 
     def observe(self, load: float, now: float) -> float:
         """Feed one sample of the cluster load (requests per replica) taken at time `now` (seconds)."""
@@ -176,11 +251,11 @@ class BudgetController:
     def decide(self) -> float:
         """The budget for the next batch: falls with the load at once, rises only past the hysteresis band."""
         load = self.raw_load if self.load is None else self.load
-        down = budget_for_load(load, self.profile, self.cfg)
-        up = budget_for_load(load * (1.0 + self.cfg.hysteresis), self.profile, self.cfg)
+        down = budget_for_load(load, self.profile, self.cfg, self.slowdown)
+        up = budget_for_load(load * (1.0 + self.cfg.hysteresis), self.profile, self.cfg, self.slowdown)
         self.budget = min(down, max(self.budget, up))
         return self.budget
 
     def admit(self, load: float) -> int | None:
         """Admission on the instantaneous load (a burst must be refused now, not after smoothing catches up)."""
-        return retry_after_s(load, self.profile, self.cfg)
+        return retry_after_s(load, self.profile, self.cfg, self.slowdown)

@@ -118,6 +118,8 @@ def test_text_completion_with_openai_client(client):
     ada = r.model_extra["adallava"]
     assert 0.5 <= ada["budget"] <= 1.0 and ada["flops"] > 0 and len(ada["execution_plan"]) == 8
     assert ada["latency_ms"]["total"] > 0 and ada["load"]["source"] == "load_board" and ada["load"]["replicas"] == 2
+    # the replica's online correction of its start-up profile is reported, within its bounds
+    assert 0.5 <= ada["load"]["slowdown"] <= 10.0 and ada["load"]["slowdown_batches"] >= 1
 
 
 def test_image_completion_and_budget_extension(client):

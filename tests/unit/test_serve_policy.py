@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from serve.policy import (
-    BudgetController, LatencyProfile, PolicyConfig, apply_caps, budget_for_latency, budget_for_load, levels,
-    predicted_latency_ms, retry_after_s,
+    BudgetController, LatencyProfile, PolicyConfig, apply_caps, batch_ms, budget_for_latency, budget_for_load, levels,
+    predicted_batch_ms, predicted_latency_ms, retry_after_s, slowdown_factor, update_slowdown,
 )  # fmt: skip
 from serve.protocol import APIError, Limits, check_image_url, decode_data_url, host_allowed, parse_request, validate_request
 
@@ -165,6 +165,128 @@ def test_controller_is_monotone_in_load_from_the_same_state():
             c.observe(x, 10.0)
             res.append(c.decide())
         assert all(a >= b for a, b in zip(res, res[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------- slowdown
+
+
+def test_slowdown_factor_converges_to_a_steady_ratio():
+    for ratio in (3.0, 0.7, 1.0):
+        window = []
+        seen = [update_slowdown(window, ratio * 100.0, 100.0, CFG) for _ in range(3 * CFG.slowdown_window)]
+        assert seen[-1] == pytest.approx(ratio)
+        assert len(window) == CFG.slowdown_window  # a sliding window, not an ever-growing history
+        # it gets there monotonically from the start (no overshoot)
+        assert all(abs(a - ratio) >= abs(b - ratio) - 1e-12 for a, b in zip(seen, seen[1:]))
+
+
+def test_slowdown_factor_is_bounded_and_ignores_non_measurements():
+    window = []
+    for r in (1e6, 1e6, 1e6, 1e6, 1e6, 1e6, 1e6, 1e6, 1e6):
+        f = update_slowdown(window, r, 1.0, CFG)
+    assert f == CFG.slowdown_max and max(window) == CFG.slowdown_max
+    for _ in range(20):
+        f = update_slowdown(window, 1e-6, 1.0, CFG)
+    assert f == CFG.slowdown_min
+    before = list(window)
+    for measured, predicted in ((0.0, 10.0), (10.0, 0.0), (float("nan"), 10.0), (float("inf"), 10.0), (-5, 10)):
+        assert update_slowdown(window, measured, predicted, CFG) == CFG.slowdown_min
+    assert window == before
+    assert slowdown_factor([], CFG) == 1.0  # no batch yet: trust the profile
+
+
+def test_one_slow_batch_cannot_move_the_factor_or_collapse_budgets():
+    p = profile()
+    c = BudgetController(p, CFG)
+    for _ in range(CFG.slowdown_window):
+        c.observe_batch(batch_ms(p, 1.0, 1, 8), [([1.0], 8)])  # exactly as profiled
+    assert c.slowdown == pytest.approx(1.0)
+    c.observe(1, 0.0)
+    assert c.decide() == 1.0
+    c.observe_batch(1e9, [([1.0], 8)])  # a 10^9 ms hiccup
+    assert c.slowdown == pytest.approx(1.0)
+    assert c.decide() == 1.0
+    # ... but a sustained slowdown does move it, within about half a window of batches
+    n = 0
+    while c.slowdown < 4.0:
+        c.observe_batch(4.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
+        n += 1
+    assert n <= CFG.slowdown_window // 2 + 1
+
+
+def test_slowdown_factor_is_monotone_in_the_observed_ratio():
+    base = [1.2, 0.8, 2.0, 1.5]
+    prev = None
+    for r in [0.1, 0.5, 0.9, 1.0, 1.3, 2.5, 7.0, 20.0]:
+        f = update_slowdown(list(base), r * 50.0, 50.0, CFG)
+        assert prev is None or f >= prev
+        prev = f
+
+
+def test_policy_is_monotone_in_load_and_in_slowdown():
+    p = profile()
+    phis = [0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+    loads = [0.5 * i for i in range(0, 120)]
+    table = [[budget_for_load(x, p, CFG, phi) for x in loads] for phi in phis]
+    for row in table:  # in load, at each factor
+        assert all(a >= b for a, b in zip(row, row[1:]))
+    for col in zip(*table):  # in the factor, at each load
+        assert all(a >= b for a, b in zip(col, col[1:]))
+    # a slower machine lowers the budget at a load the profile alone would serve at full budget
+    x = next(x for x in loads if budget_for_load(x, p, CFG, 3.0) < 1.0)
+    assert budget_for_load(x, p, CFG, 1.0) == 1.0
+    assert predicted_latency_ms(p, 0.75, 20, 32, 3.0) == pytest.approx(3.0 * predicted_latency_ms(p, 0.75, 20, 32))
+
+
+def test_slowdown_makes_admission_refuse_earlier():
+    p = profile()
+    over = next(x for x in range(1, 1000) if retry_after_s(x, p, CFG) is not None)
+    assert retry_after_s(over / 2, p, CFG, slowdown=3.0) is not None  # the queue already implies a miss at the floor
+    assert retry_after_s(over - 1, p, CFG, slowdown=1.0) is None
+    # and asks clients to wait for what the slower drain really needs
+    assert retry_after_s(10 * over, p, CFG, slowdown=3.0) > retry_after_s(10 * over, p, CFG, slowdown=1.0)
+
+
+def test_controller_learns_a_slowdown_and_lowers_budgets_then_recovers():
+    p = profile()
+    c = BudgetController(p, CFG)
+    load = next(x for x in range(1, 200) if budget_for_load(x, p, CFG, 3.0) == 0.5)
+    assert budget_for_load(load, p, CFG, 1.0) > 0.5
+    t = 0.0
+    for _ in range(20):
+        t += 0.1
+        c.observe(load, t)
+    before = c.decide()
+    assert before > 0.5
+    for _ in range(CFG.slowdown_window):  # batches run 3x slower than profiled (contended cores)
+        b = c.decide()
+        c.observe_batch(3.0 * predicted_batch_ms(p, [b] * 8, 32), [([b] * 8, 32)])
+    assert c.slowdown == pytest.approx(3.0)
+    assert c.decide() == 0.5
+    for _ in range(CFG.slowdown_window):  # the contention goes away: the factor and the budget come back
+        b = c.decide()
+        c.observe_batch(1.0 * predicted_batch_ms(p, [b] * 8, 32), [([b] * 8, 32)])
+    assert c.slowdown == pytest.approx(1.0)
+    assert c.decide() == before
+
+
+def test_predicted_batch_cost_uses_the_largest_budget_and_sums_groups():
+    p = profile()
+    assert predicted_batch_ms(p, [0.5, 1.0, 0.75], 8) == batch_ms(p, 1.0, 3, 8)
+    assert predicted_batch_ms(p, [], 8) == 0.0
+    c = BudgetController(p, CFG)
+    one = predicted_batch_ms(p, [1.0], 8) + predicted_batch_ms(p, [0.5, 0.5], 4)
+    c.observe_batch(2.0 * one, [([1.0], 8), ([0.5, 0.5], 4)])
+    assert c.ratios == [pytest.approx(2.0)] and c.batches_seen == 1
+
+
+def test_slowdown_config_is_checked():
+    with pytest.raises(ValueError, match="slowdown_min"):
+        PolicyConfig(slowdown_min=0).check((0.5, 1.0))
+    with pytest.raises(ValueError, match="slowdown_max"):
+        PolicyConfig(slowdown_max=0.9).check((0.5, 1.0))
+    with pytest.raises(ValueError, match="slowdown_window"):
+        PolicyConfig(slowdown_window=0).check((0.5, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------- protocol
