@@ -47,6 +47,14 @@ class TrainConfig:
     # adallava.objective.LossWeights fields for stage adapt (gamma, distill, latency, budget_dist, ...); empty = the
     # paper's plain next-token loss with budgets uniform over the model's steps
     loss_weights: dict = field(default_factory=dict)
+    # Gumbel-softmax temperature of the scheduler's plan sampling (AdaLlavaConfig.gumbel_tau, the paper's 5); None keeps
+    # the checkpoint's value. A training knob the tuning sweeps search over.
+    gumbel_tau: float | None = None
+    # Validation loss every N optimizer steps (0: never): the plain next-token loss on the first val_examples of the
+    # validation split, averaged over the model's budget grid, independent of loss_weights (so runs with different
+    # weights compare) and reported with the metrics; the intermediate metric Ray Tune's ASHA stops trials on.
+    val_every: int = 0
+    val_examples: int = 64
     # --- scale
     num_workers: int = 2
     use_gpu: bool = False

@@ -123,6 +123,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
     if cfg.checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+    if cfg.gumbel_tau is not None and not cfg.gumbel_tau > 0:
+        raise ValueError(f"gumbel_tau must be > 0, got {cfg.gumbel_tau}")
+    if cfg.val_every < 0 or cfg.val_examples < 1:
+        raise ValueError(f"val_every must be >= 0 and val_examples >= 1, got {cfg.val_every}, {cfg.val_examples}")
+    if cfg.val_every > 0 and cfg.strategy == "fsdp":
+        raise ValueError("val_every runs rank 0's unsharded model: not with strategy fsdp")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,10 +168,30 @@ def _build_model(cfg: TrainConfig, checkpoint_dir: Path | None):
     from adallava import presets
 
     if checkpoint_dir is not None:
-        return presets.load(checkpoint_dir)
-    if cfg.init_from:
-        return presets.load(project_path(cfg.init_from))
-    return presets.build_tiny(seed=cfg.seed, **cfg.model_overrides)
+        model, processor = presets.load(checkpoint_dir)
+    elif cfg.init_from:
+        model, processor = presets.load(project_path(cfg.init_from))
+    else:
+        model, processor = presets.build_tiny(seed=cfg.seed, **cfg.model_overrides)
+    if cfg.gumbel_tau is not None:  # read at every forward; saved with the checkpoint's config
+        model.config.gumbel_tau = float(cfg.gumbel_tau)
+    return model, processor
+
+
+def validation_loss(model, batch: dict, budgets: list[float], autocast) -> dict:
+    """Plain next-token loss on a fixed validation batch at each budget (eval mode: deterministic plans) and its mean
+    over the budgets, as 'val_loss'. Runs on the unwrapped model of one worker: no collective inside."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad(), autocast:
+        for b in budgets:
+            out[f"val_loss_{b:.3f}"] = float(model(**batch, budget=b).loss)
+    model.train(was_training)
+    out["val_loss"] = sum(out.values()) / len(out)
+    return out
 
 
 def _gather_bad_records(dataset, collator, world_size):
@@ -301,6 +327,18 @@ def train_loop(config: dict) -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=(idx for _, idx in batches), collate_fn=collator)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=True)
     budget = 1.0 if cfg.stage == "base" else None  # None in train mode: one random budget per sample (spec 2.5)
+    val_batch = None
+    if cfg.val_every > 0 and rank == 0:
+        from adallava.budget import budget_grid
+
+        val_set = load_llava_json(config["val_json"], config["image_root"], on_bad=cfg.on_bad)
+        # its own collator: validation drops must not count as training bad records
+        val_batch = TrainCollator(processor, max_length=cfg.max_length)([val_set[i] for i in range(min(cfg.val_examples, len(val_set)))])
+        if val_batch is None:
+            raise ValueError(f"val_every: none of the first {cfg.val_examples} validation records could be read")
+        val_batch = {k: val_batch.get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        val_batch = {k: (v.to(device) if v is not None else None) for k, v in val_batch.items()}
+        val_budgets = [1.0] if cfg.stage == "base" else budget_grid(unwrapped.config)
     weights = None
     if cfg.loss_weights:
         from adallava.objective import LossWeights, adaptive_loss
@@ -365,6 +403,9 @@ def train_loop(config: dict) -> None:
                    "resumed_from_step": resumed_from}  # fmt: skip
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        val_step = cfg.val_every > 0 and (step % cfg.val_every == 0 or step == steps)
+        if val_step and val_batch is not None:  # rank 0; the others wait at the report() below
+            metrics.update(validation_loss(unwrapped, val_batch, val_budgets, autocast))
         if step % cfg.log_every == 0 or step == steps:
             dt = time.perf_counter() - t_window
             metrics["samples_per_s"], metrics["tokens_per_s"] = float(window[0]) / dt, float(window[1]) / dt
@@ -393,7 +434,7 @@ def train_loop(config: dict) -> None:
                                     state_out, model_state)  # fmt: skip
                 ckpt = ray.train.Checkpoint.from_directory(d)
         # report() is a barrier across workers: every report_every steps, and with every checkpoint
-        if ckpt is not None or step % cfg.report_every == 0 or step % cfg.checkpoint_every == 0 or last:
+        if ckpt is not None or step % cfg.report_every == 0 or step % cfg.checkpoint_every == 0 or last or val_step:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}" if ckpt else None)
         if ckpt is not None:
             shutil.rmtree(ckpt.path, ignore_errors=True)  # persisted to storage by report(); the local copy goes
@@ -416,8 +457,10 @@ class TrainOutcome:
     wall_s: float
 
 
-def run(cfg: TrainConfig) -> TrainOutcome:
-    """Train with `cfg` on Ray Train (joining or starting a cluster)."""
+def run(cfg: TrainConfig, callbacks: list | None = None, tags: dict | None = None) -> TrainOutcome:
+    """Train with `cfg` on Ray Train (joining or starting a cluster). callbacks: Ray Train callbacks (a Tune trial
+    passes ray.tune.integration.ray_train.TuneReportCallback); tags: extra MLflow run tags (mlflow.parentRunId nests
+    the run under a sweep's parent run)."""
     import mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -433,7 +476,7 @@ def run(cfg: TrainConfig) -> TrainOutcome:
         exp_id = mlflow_experiment(uri, cfg.experiment)
         client = mlflow.MlflowClient(uri)
         tags = {"preset": cfg.preset, "stage": cfg.stage, "dataset": cfg.dataset,
-                "mlflow.runName": name, "ray.storage": f"{storage}/{name}"}  # fmt: skip
+                "mlflow.runName": name, "ray.storage": f"{storage}/{name}", **(tags or {})}  # fmt: skip
         mlrun = client.create_run(exp_id, run_name=name, tags=tags)
         run_id = mlrun.info.run_id
         params = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in as_dict(cfg).items()}
@@ -445,6 +488,7 @@ def run(cfg: TrainConfig) -> TrainOutcome:
             train_loop_config={
                 "cfg": as_dict(cfg), "train_json": str(train_json),
                 "image_root": None if image_root is None else str(image_root), "mlflow_run_id": run_id,
+                "val_json": str(prepare_dataset(cfg, "validation")[0]) if cfg.val_every > 0 else None,
                 "tracking_uri": uri,
                 # where rank 0 stages a checkpoint before report() persists it to storage_path
                 "local_checkpoint_root": str(Path(os.environ.get("TMPDIR", "/tmp")) / "adallava-ckpt" / name / run_id),
@@ -454,7 +498,7 @@ def run(cfg: TrainConfig) -> TrainOutcome:
                 name=name, storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
-                logging_config=ray.train.LoggingConfig(log_level=cfg.log_level),
+                logging_config=ray.train.LoggingConfig(log_level=cfg.log_level), callbacks=callbacks or None,
             ),  # fmt: skip
         )
         t0 = time.perf_counter()
