@@ -239,14 +239,16 @@ def build_tuner(cfg: SweepConfig, trainable, exp_path: Path, defaults: dict, max
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search = BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.seed)
+        # its own max_concurrent: Tune's max_concurrent_trials does not reach a BasicVariantGenerator passed in
+        search = BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.seed,
+                                       max_concurrent=cfg.max_concurrent_trials)  # fmt: skip
     callbacks = [_interrupt_callback(cfg.interrupt_after_trials)] if cfg.interrupt_after_trials > 0 else []
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
             search_alg=search, scheduler=scheduler, num_samples=cfg.num_samples,
-            max_concurrent_trials=cfg.max_concurrent_trials, time_budget_s=cfg.time_budget_s,
+            time_budget_s=cfg.time_budget_s,  # concurrency: set on the search algorithm above
         ),
         run_config=tune.RunConfig(
             name=exp_path.name, storage_path=str(exp_path.parent), callbacks=callbacks,
@@ -312,8 +314,9 @@ def run(cfg: SweepConfig) -> dict:
         wall = time.perf_counter() - t0
         # Trial objects carry the status a Result lacks (PENDING/RUNNING/PAUSED at the end = interrupted)
         trials = grid._experiment_analysis.trials
-        summary = summarise_sweep(cfg, name, trials, defaults, exp_path, wall, resumed)
-        finished = len(trials) == cfg.num_samples and all(t.status in ("TERMINATED", "ERROR") for t in trials)
+        saved = saved_trial_statuses(exp_path)
+        summary = summarise_sweep(cfg, name, trials, saved, defaults, exp_path, wall, resumed)
+        finished = len(saved) == cfg.num_samples and all(s in ("TERMINATED", "ERROR") for s in saved.values())
         summary["complete"] = finished
         if not finished:
             print(f"\n[sweep] interrupted with {summary['num_finished']} of {cfg.num_samples} trials finished; resume "
@@ -330,23 +333,38 @@ def run(cfg: SweepConfig) -> dict:
             ray.shutdown()
 
 
-def summarise_sweep(cfg, name, trials, defaults, exp_path, wall, resumed) -> dict:
+def saved_trial_statuses(exp_path: Path) -> dict:
+    """trial id -> status as Tune saved it (what Tuner.restore resumes from). After an interruption the in-memory
+    trials read TERMINATED, but the saved state keeps the unfinished ones RUNNING/PENDING."""
+    files = sorted(exp_path.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    data = json.loads(files[-1].read_text())
+    out = {}
+    for entry in data.get("trial_data", []):
+        trial = json.loads(entry[0] if isinstance(entry, list) else entry)
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+def summarise_sweep(cfg, name, trials, saved, defaults, exp_path, wall, resumed) -> dict:
     """Every trial's parameters, status and (when scored) its curve, best first."""
     rows = []
     for trial in trials:
         m = trial.last_result or {}
         params = {k: trial.config.get(k) for k in sorted(cfg.search_space)}
         trial_id = trial.trial_id
-        row = {"trial_id": trial_id, "status": trial.status, "params": params,
+        status = saved.get(trial_id, trial.status)
+        row = {"trial_id": trial_id, "status": status, "params": params,
                "paper_defaults": is_paper_default(params, defaults), "steps": m.get("step"),
-               "val_loss": m.get("val_loss"), "error": trial.error_file if trial.status == "ERROR" else None}  # fmt: skip
+               "val_loss": m.get("val_loss"), "error": trial.error_file if status == "ERROR" else None}  # fmt: skip
         if "val_auc" in m:
             curve_file = Path(resolve_storage_path(cfg.storage_path)) / f"{name}-trials" / f"{name}-{trial_id}" / "curve.json"
             rec = json.loads(curve_file.read_text())
             row.update(val_auc=m["val_auc"], val_acc_min=m["val_acc_min"], val_acc_full=m["val_acc_full"],
                        curve=rec["curve"], checkpoint=m["final_checkpoint"], mlflow_run_id=m["mlflow_run_id"])  # fmt: skip
         else:
-            row["stopped_early"] = trial.status == "TERMINATED"
+            row["stopped_early"] = status == "TERMINATED"
         rows.append(row)
     rows.sort(key=lambda r: -r.get("val_auc", -1.0))
     scored = [r for r in rows if "val_auc" in r]
