@@ -21,6 +21,7 @@ budgets share a batch: the core's generate takes one budget per request.
 """
 
 import asyncio
+import copy
 import json
 import logging
 import time
@@ -181,6 +182,10 @@ class AdaLlavaModel:
         self.max_context = int(getattr(mc.text_config, "max_position_embeddings", 4096))
         self.image_seq_length = int(getattr(mc, "image_seq_length", 576))
         self.eos_id = self.processor.tokenizer.eos_token_id
+        # The fast tokenizer keeps padding/truncation as mutable state that every call resets; the generate thread's
+        # processor(..., padding=True) racing the event loop's unpadded calls left batches unpadded under load
+        # ("Unable to create tensor", a 500 for the whole batch). The event loop gets its own copy.
+        self.loop_tokenizer = copy.deepcopy(self.processor.tokenizer)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.executor = ThreadPoolExecutor(max_workers=1)
         self._run_batch.set_max_batch_size(cfg.max_batch_size)
@@ -322,7 +327,7 @@ class AdaLlavaModel:
 
     def _prompt_tokens(self, job: Job) -> int:
         prompt = self.processor.apply_chat_template(job.messages, add_generation_prompt=True)
-        n = len(self.processor.tokenizer(prompt).input_ids) + len(job.images) * (self.image_seq_length - 1) + 1
+        n = len(self.loop_tokenizer(prompt).input_ids) + len(job.images) * (self.image_seq_length - 1) + 1
         if n + job.max_tokens > self.max_context:
             raise bad_request(f"the prompt is {n} tokens; with max_tokens={job.max_tokens} it exceeds the model's "
                               f"context of {self.max_context} tokens", param="messages",
@@ -370,7 +375,7 @@ class AdaLlavaModel:
                 tokens[row].append(tok)
                 if len(tokens[row]) >= jobs[row].max_tokens:
                     finished[row] = True
-                text = self.processor.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                text = self.loop_tokenizer.decode(tokens[row], skip_special_tokens=True)
                 if not text.endswith("\ufffd") and len(text) > len(texts[row]):
                     out[row] = {"type": "delta", "text": text[len(texts[row]):]}
                     texts[row] = text
@@ -391,7 +396,7 @@ class AdaLlavaModel:
         final = []
         for i, job in enumerate(jobs):
             r = results[i]
-            text = self.processor.tokenizer.decode(tokens[i], skip_special_tokens=True)
+            text = self.loop_tokenizer.decode(tokens[i], skip_special_tokens=True)
             total_ms = (t_end - job.arrival) * 1000
             self.m_budget.observe(used[i])
             self.m_latency.observe(total_ms, tags={"budget": f"{used[i]:.3f}"})

@@ -248,9 +248,11 @@ def test_server_keeps_serving_after_bad_input(client, http):
 def _post_many(http_url, n, workers, **extra):
     import httpx
 
-    def one(_):
+    def one(i):
+        # prompts of different lengths, so batches need padding while new arrivals are tokenized on the event loop
         with httpx.Client(base_url=http_url, timeout=120) as c:
-            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Describe it"}],
+            text = "Describe it" + " in detail" * (i % 4)
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}],
                                                      "max_tokens": 8, **extra})  # fmt: skip
             return r.status_code, r.json(), r.headers
 
