@@ -59,8 +59,14 @@ def param_space(cfg: SweepConfig) -> dict:
 
 
 def fixed_points(cfg: SweepConfig, defaults: dict) -> list[dict]:
-    """The fixed trials, every searched key filled in (missing ones: the paper's value)."""
-    return [{k: point.get(k, defaults[k]) for k in cfg.search_space} for point in cfg.fixed_trials]
+    """The fixed trials, every searched key filled in (missing ones: the paper's value). Only keys with a
+    distribution: constants come from param_space, and Optuna refuses points with other keys than its space."""
+    keys = [k for k, spec in cfg.search_space.items() if is_distribution(spec)]
+    for point in cfg.fixed_trials:
+        for k, v in point.items():
+            if k in cfg.search_space and not is_distribution(cfg.search_space[k]) and v != cfg.search_space[k]:
+                raise ValueError(f"fixed_trials: {k}={v!r} contradicts the constant search_space.{k}")
+    return [{k: point.get(k, defaults[k]) for k in keys} for point in cfg.fixed_trials]
 
 
 def trial_train_dict(base: dict, params: dict) -> dict:
@@ -121,12 +127,12 @@ def plot_curves(curves: list[tuple[str, dict, dict]], path: Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2 + 0.18 * len(curves)))
     for label, curve, style in curves:
         ax.plot(curve["budgets"], [100 * a for a in curve["accuracy"]], marker="o", label=label, **style)
     ax.set(xlabel="budget (fraction of decoder layers)", ylabel="validation accuracy (%)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below the axes: curves stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -164,7 +170,7 @@ def run_trial(config: dict, setup: dict) -> None:
     record = {"trial_id": trial_id, "params": params, "paper_defaults": paper, "curve": curve,
               "checkpoint": str(outcome.final_checkpoint), "mlflow_run_id": outcome.mlflow_run_id}  # fmt: skip
     (out_dir / "curve.json").write_text(json.dumps(record, indent=1))
-    label = "paper defaults" if paper else ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    label = "paper defaults" if paper else describe(params)
     plot_curves([(label, curve, {})], out_dir / "curve.png", f"trial {trial_id}: val AUC {curve['auc']:.3f}")
 
     client = MlflowClient(setup["tracking_uri"])
@@ -183,6 +189,12 @@ def run_trial(config: dict, setup: dict) -> None:
                  "mlflow_run_id": run_id, "paper_defaults": paper,
                  # Tune checks every result for the scheduler's metric: the last one of the training run
                  "val_loss": (outcome.result.metrics or {}).get("val_loss")})  # fmt: skip
+
+
+def describe(params: dict) -> str:
+    """Short label of a trial's values (alpha/beta only when budgets are beta-distributed, where they mean something)."""
+    skip = {"budget_alpha", "budget_beta"} if params.get("budget_dist") == "uniform" else set()
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items() if k not in skip)
 
 
 def _fmt(v) -> str:
@@ -386,13 +398,13 @@ def finish_parent(cfg, client, parent, summary, exp_path, train_cfg, test_json) 
     best = scored[0]
     curves = []
     for r in scored:
-        label = ("paper defaults" if r["paper_defaults"] else ", ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items()))
+        label = "paper defaults" if r["paper_defaults"] else describe(r["params"])
         style = {"lw": 1.0, "alpha": 0.6}
         if r is best:
             style = {"lw": 2.5, "color": "C3"}
         elif r["paper_defaults"]:
             style = {"lw": 2.0, "color": "k", "ls": "--"}
-        curves.append((f"{r['trial_id']} AUC {r['val_auc']:.3f}: {label}"[:110], r["curve"], style))
+        curves.append((f"{r['trial_id']} AUC {r['val_auc']:.3f}: {label}"[:130], r["curve"], style))
     plot = plot_curves(curves, exp_path / "comparison.png", f"sweep {summary['name']}: accuracy vs budget per trial")
     exported = export_best(cfg, summary, best, train_cfg)
     summary["exported_config"] = str(exported)
@@ -401,7 +413,7 @@ def finish_parent(cfg, client, parent, summary, exp_path, train_cfg, test_json) 
         summary["test"] = test_scores(cfg, scored, test_json)
     (exp_path / "sweep_results.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
-    (exp_path / "table.txt").write_text(table)
+    (exp_path / "table.txt").write_text(table + "\n")
 
     client.log_metric(parent, "best_val_auc", best["val_auc"])
     client.log_metric(parent, "best_val_acc_min", best["val_acc_min"])
