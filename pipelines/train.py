@@ -127,6 +127,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"gumbel_tau must be > 0, got {cfg.gumbel_tau}")
     if cfg.val_every < 0 or cfg.val_examples < 1:
         raise ValueError(f"val_every must be >= 0 and val_examples >= 1, got {cfg.val_every}, {cfg.val_examples}")
+    if cfg.val_every > 0 and cfg.dataset != "bundled":
+        raise ValueError("val_every: only the bundled dataset has a validation split here (a JSON dataset has one file)")
     if cfg.val_every > 0 and cfg.strategy == "fsdp":
         raise ValueError("val_every runs rank 0's unsharded model: not with strategy fsdp")
 

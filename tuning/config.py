@@ -175,6 +175,9 @@ def trial_train_config(cfg: SweepConfig) -> TrainConfig:
         # val_every steps and with each checkpoint
         raise ValueError(f"train.checkpoint_every: must be a multiple of val_every={cfg.val_every} (or >= max_steps), "
                          f"got {train_cfg.checkpoint_every}")  # fmt: skip
+    if train_cfg.dataset != "bundled":
+        raise ValueError("train.dataset: trials are scored on a validation split, which only the bundled dataset has "
+                         f"here; got {train_cfg.dataset!r}")  # fmt: skip
     if cfg.scheduler == "asha" and cfg.asha_grace_steps >= train_cfg.max_steps:
         raise ValueError(f"asha_grace_steps: must be below train.max_steps={train_cfg.max_steps} (ASHA's first rung), "
                          f"got {cfg.asha_grace_steps}")  # fmt: skip

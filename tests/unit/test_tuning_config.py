@@ -99,6 +99,7 @@ def test_dotted_overrides_merge_into_the_yaml_mapping(base_ckpt):
         (["max_concurrent_trials=0"], "max_concurrent_trials"),
         (["time_budget_s=-5"], "time_budget_s"),
         (["name=has space"], "name"),
+        (["train.dataset=some.json"], "train.dataset"),  # no validation split to score on
         (["init_from=/no/such/checkpoint"], "init_from"),
     ],
 )
@@ -160,3 +161,22 @@ def test_trial_values_and_paper_defaults():
     assert is_paper_default(points[0], defaults) and not is_paper_default(points[1], defaults)
     values = trial_train_dict({"lr": 1e-5, "gumbel_tau": None, "loss_weights": {}}, {"gamma": 0.5, "lr": 2e-4})
     assert values == {"lr": 2e-4, "gumbel_tau": None, "loss_weights": {"gamma": 0.5}}
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"gumbel_tau": 0.0}, "gumbel_tau"),
+        ({"val_every": -1}, "val_every"),
+        ({"val_every": 5, "val_examples": 0}, "val_examples"),
+        ({"val_every": 5, "strategy": "fsdp"}, "fsdp"),
+        ({"val_every": 5, "dataset": "mine.json"}, "validation split"),
+    ],
+)
+def test_train_config_checks_the_sweep_knobs(base_ckpt, kw, match):
+    from pipelines.config import TrainConfig
+    from pipelines.train import validate as validate_train
+
+    validate_train(TrainConfig(init_from=base_ckpt, global_batch_size=32, gumbel_tau=2.0, val_every=5))  # fine
+    with pytest.raises(ValueError, match=match):
+        validate_train(TrainConfig(init_from=base_ckpt, global_batch_size=32, **kw))
