@@ -244,8 +244,17 @@ def build_tuner(cfg: SweepConfig, trainable, exp_path: Path, defaults: dict, max
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
+        class FinalOptunaSearch(OptunaSearch):
+            """Optuna (TPE) told each trial's final val_auc; the training reports before it carry val_loss only."""
+
+            def on_trial_result(self, trial_id, result):
+                if self.metric in result:
+                    super().on_trial_result(trial_id, result)
+
+        # Tune otherwise checks every report for the searcher's metric, which only the final (scored) one has
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         search = ConcurrencyLimiter(
-            OptunaSearch(metric="val_auc", mode="max", points_to_evaluate=points or None, seed=cfg.seed),
+            FinalOptunaSearch(metric="val_auc", mode="max", points_to_evaluate=points or None, seed=cfg.seed),
             max_concurrent=cfg.max_concurrent_trials,
         )
     else:
