@@ -134,7 +134,7 @@ def plot_curves(curves: list[tuple[str, dict, dict]], path: Path, title: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below the axes: curves stay visible
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes can be wider than the figure
     plt.close(fig)
     return path
 
