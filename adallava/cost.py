@@ -10,14 +10,19 @@ from __future__ import annotations
 import torch
 
 
-def layer_flops(hidden, head_dim, n_q, n_kv, n_neurons, n_new, n_ctx_start):
-    """One decoder layer on n_new tokens whose first attends to n_ctx_start + 1 keys (causal)."""
+def layer_flops_parts(hidden, head_dim, n_q, n_kv, n_neurons, n_new, n_ctx_start):
+    """(attention, MLP) FLOPs of one decoder layer on n_new tokens whose first attends to n_ctx_start + 1 keys."""
     proj = 2 * n_new * hidden * head_dim * (2 * n_q + 2 * n_kv)  # q, o + k, v
     # keys seen by the new tokens: (n_ctx_start+1) + ... + (n_ctx_start+n_new)
     keys = n_new * n_ctx_start + n_new * (n_new + 1) / 2
     attn = 2 * 2 * n_q * head_dim * keys  # QK^T and AV
     mlp = 3 * 2 * n_new * hidden * n_neurons
-    return proj + attn + mlp
+    return proj + attn, mlp
+
+
+def layer_flops(hidden, head_dim, n_q, n_kv, n_neurons, n_new, n_ctx_start):
+    """One decoder layer on n_new tokens whose first attends to n_ctx_start + 1 keys (causal)."""
+    return sum(layer_flops_parts(hidden, head_dim, n_q, n_kv, n_neurons, n_new, n_ctx_start))
 
 
 def _active_sizes(config, plan):
@@ -41,15 +46,19 @@ def _active_sizes(config, plan):
     )
 
 
-def vision_flops(config) -> float:
-    """CLIP-style vision tower on one image plus the 2-layer projector."""
+def vision_flops_parts(config) -> tuple[float, float]:
+    """(CLIP-style vision tower, 2-layer projector) FLOPs for one image."""
     v = config.vision_config
     n = (v.image_size // v.patch_size) ** 2 + 1
     patch_embed = 2 * (n - 1) * 3 * v.patch_size**2 * v.hidden_size
     per_layer = 2 * n * v.hidden_size * (4 * v.hidden_size + 2 * v.intermediate_size) + 4 * n * n * v.hidden_size
     h = config.text_config.hidden_size
     projector = 2 * config.image_seq_length * (v.hidden_size * h + h * h)
-    return float(patch_embed + v.num_hidden_layers * per_layer + projector)
+    return float(patch_embed + v.num_hidden_layers * per_layer), float(projector)
+
+
+def vision_flops(config) -> float:
+    return sum(vision_flops_parts(config))
 
 
 def scheduler_flops(config) -> float:
@@ -58,29 +67,50 @@ def scheduler_flops(config) -> float:
     return float(2 * (config.latency_embed_dim * h + h * h) + 2 * h * out)
 
 
-def request_flops(config, plan, prompt_len, num_generated, num_images=None, pruned_len=None) -> torch.Tensor:
-    """FLOPs of each request [B] (float64): prefill of prompt_len tokens (latency token included), then one decode
-    step per generated token after the first, lm_head once per generated token. pruned_len [B]: tokens left after
-    FastV drops image tokens at layer config.fastv_k (layers from there on see only those)."""
+def flops_breakdown(config, plan, prompt_len, num_generated, num_images=None, pruned_len=None) -> list[dict]:
+    """Per request: {"prefill": {vision_tower, projector, scheduler, attention, mlp, lm_head}, "decode": {attention,
+    mlp, lm_head}, "layers": [attention + MLP FLOPs of each decoder layer, prefill + decode], "total"}.
+
+    Prefill runs prompt_len tokens (latency token included); then one decode step per generated token after the
+    first; lm_head once per generated token. pruned_len [B]: tokens left after FastV drops image tokens at layer
+    config.fastv_k (the layers from there on see only those). Attention and MLP count only the heads, key/value heads
+    and neuron groups the plan ran.
+    """
     text = config.text_config
     hidden, head_dim = text.hidden_size, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     q, kv, neurons = _active_sizes(config, plan)
     prompt_len = prompt_len.detach().cpu().double()
     num_generated = num_generated.detach().cpu().double()
-    total = torch.zeros(plan.shape[0], dtype=torch.float64)
+    vt, proj = vision_flops_parts(config)
+    lm_head = 2 * hidden * text.vocab_size
+    out = []
     for b in range(plan.shape[0]):
         g = float(num_generated[b])
         steps = max(g - 1, 0)
+        images = 0.0 if num_images is None else float(num_images[b])
+        pre = {"vision_tower": images * vt, "projector": images * proj, "scheduler": scheduler_flops(config),
+               "attention": 0.0, "mlp": 0.0, "lm_head": lm_head * min(g, 1.0)}  # fmt: skip
+        dec = {"attention": 0.0, "mlp": 0.0, "lm_head": lm_head * steps}
+        layers = []
         for layer in range(config.num_layers):
             n = float(prompt_len[b]) if pruned_len is None or layer < config.fastv_k else float(pruned_len[b])
             args = (hidden, head_dim, float(q[b, layer]), float(kv[b, layer]), float(neurons[b, layer]))
-            total[b] += layer_flops(*args, n_new=n, n_ctx_start=0)
-            if steps:  # decode steps attend to n+1, ..., n+steps keys
-                total[b] += layer_flops(*args, n_new=steps, n_ctx_start=n)
-        total[b] += 2 * hidden * text.vocab_size * g + scheduler_flops(config)
-    if num_images is not None:
-        total += num_images.detach().cpu().double() * vision_flops(config)
-    return total
+            a, m = layer_flops_parts(*args, n_new=n, n_ctx_start=0)
+            da, dm = layer_flops_parts(*args, n_new=steps, n_ctx_start=n) if steps else (0.0, 0.0)
+            pre["attention"] += a
+            pre["mlp"] += m
+            dec["attention"] += da
+            dec["mlp"] += dm
+            layers.append(a + m + da + dm)
+        out.append({"prefill": pre, "decode": dec, "layers": layers,
+                    "total": sum(pre.values()) + sum(dec.values())})  # fmt: skip
+    return out
+
+
+def request_flops(config, plan, prompt_len, num_generated, num_images=None, pruned_len=None) -> torch.Tensor:
+    """FLOPs of each request [B] (float64): the totals of flops_breakdown."""
+    parts = flops_breakdown(config, plan, prompt_len, num_generated, num_images, pruned_len)
+    return torch.tensor([p["total"] for p in parts], dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------

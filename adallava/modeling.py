@@ -59,6 +59,7 @@ class AdaLlavaGenerateOutput(ModelOutput):
     num_generated: torch.Tensor | None = None  # [B] tokens generated, EOS included
     plan: torch.Tensor | None = None
     timings: dict | None = None  # measured wall-clock seconds: prefill, decode (whole batch)
+    flops_breakdown: list | None = None  # per request: prefill/decode FLOPs by part, per-layer FLOPs (cost.flops_breakdown)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,10 +660,11 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if pixel_values is not None and input_ids is not None:
             num_images = (input_ids == self.config.image_token_id).sum(1) // self.config.image_seq_length
         pruned = selection["valid"].sum(1) if selection else None
-        flops = cost.request_flops(self.config, plan, mask.sum(1), num_generated, num_images, pruned)
+        breakdown = cost.flops_breakdown(self.config, plan, mask.sum(1), num_generated, num_images, pruned)
+        flops = torch.tensor([p["total"] for p in breakdown], dtype=torch.float64)
         return AdaLlavaGenerateOutput(
             sequences=sequences, execution_plan=self.execution_plan_fractions(plan), flops=flops, budget=budget,
-            num_generated=num_generated, plan=plan,
+            num_generated=num_generated, plan=plan, flops_breakdown=breakdown,
             timings={"prefill_s": t_prefill, "decode_s": t_total - t_prefill, "total_s": t_total},
         )  # fmt: skip
 

@@ -90,3 +90,22 @@ def test_profile_save_load_and_generate_with_latency_ms(tiny, tmp_path):
             model.generate(**inputs, latency_ms=[50.0, 60.0, 70.0])
     finally:
         del model.cost_table
+
+
+def test_flops_breakdown_parts_add_up_and_follow_the_plan(tiny):
+    model, processor = tiny
+    inputs = processor(images=[__import__("PIL.Image").Image.new("RGB", (32, 32))] * 2,
+                       text=["USER: <image>\nWhat colour? ASSISTANT:"] * 2, return_tensors="pt")  # fmt: skip
+    out = model.generate(**inputs, budget=[0.5, 1.0], max_new_tokens=3, eos_token_id=-1, return_dict_in_generate=True)
+    for detail, total in zip(out.flops_breakdown, out.flops.tolist()):
+        assert sum(detail["prefill"].values()) + sum(detail["decode"].values()) == pytest.approx(total)
+        assert sum(detail["layers"]) == pytest.approx(detail["prefill"]["attention"] + detail["prefill"]["mlp"]
+                                                      + detail["decode"]["attention"] + detail["decode"]["mlp"])
+        assert detail["prefill"]["vision_tower"] > 0 and detail["prefill"]["projector"] > 0
+        assert detail["decode"]["lm_head"] == 2 * detail["prefill"]["lm_head"]  # 3 tokens: 1 at prefill, 2 decoded
+    low, full = out.flops_breakdown
+    assert low["layers"][4:] == [0.0] * 4 and all(x > 0 for x in full["layers"])  # budget 0.5: prefix only
+    text_only = model.generate(**processor(text=["USER: hi ASSISTANT:"], return_tensors="pt"), max_new_tokens=1,
+                               return_dict_in_generate=True)  # fmt: skip
+    assert text_only.flops_breakdown[0]["prefill"]["vision_tower"] == 0
+    assert sum(text_only.flops_breakdown[0]["decode"].values()) == 0

@@ -130,6 +130,7 @@ def test_batches_run_through_the_tiny_model(processor, ds):
 
     model, processor = build_tiny()
     batch = TrainCollator(processor)([ds[0], ds[1], ds[2]])
+    assert int(batch.pop("num_dropped")) == 0  # bookkeeping for the trainer, not a model input
     out = model(**batch)
     assert torch.isfinite(out.loss)
     eval_batch, _ = EvalCollator(processor)([ds[0], ds[1]])
