@@ -199,17 +199,22 @@ def build_config(cls, values: dict[str, Any], source: str = "config"):
     return cls(**{k: _check_type(k, v, hints[k]) for k, v in values.items()})
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level key: value mapping (empty file: {}); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of key: value at the top level")
+    return loaded or {}
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """Dataclass defaults <- YAML file <- key=value overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value at the top level")
-        values.update(loaded or {})
+        values.update(read_yaml_mapping(path))
         build_config(cls, values, source=str(path))  # name the file if the file itself is wrong
     values.update(parse_overrides(overrides or []))
     return build_config(cls, values, source="overrides" if path is None else f"{path} + overrides")

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from pipelines.config import (
+    read_yaml_mapping,
     TrainConfig, _check_type, build_config, parse_overrides, project_path,
 )  # fmt: skip
 
@@ -245,13 +246,7 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
     values: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value at the top level")
-        values.update(loaded or {})
+        values.update(read_yaml_mapping(path))
         build_config(SweepConfig, values, source=str(path))
         source = f"{path} + overrides"
     names = {f.name for f in dataclasses.fields(SweepConfig)}
