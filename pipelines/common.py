@@ -4,6 +4,7 @@ the functions, so that `--help` is instant."""
 from __future__ import annotations
 
 import os
+import sys
 
 from .config import PROJECT_DIR, tracking_uri
 
@@ -15,6 +16,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not sys.stdout.isatty():  # worker log lines printed by this driver: no colour codes around "(pid=...)" in a file
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def init_ray(address: str | None = None) -> bool:

@@ -84,10 +84,12 @@ class TrainConfig:
     # --- tracking and logging
     mlflow_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
     experiment: str = "adallava"
+    # stage adapt registers its final checkpoint as a new version of this MLflow registered model (null: not at all)
+    registered_model: str | None = "adallava"
     log_every: int = 1  # MLflow metrics every N steps
     report_every: int = 10  # ray.train.report every N steps (a barrier across workers) and at every checkpoint
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # Ray Train's own logs (INFO: every report)
-    progress: bool = True  # progress bar from rank 0
+    progress: bool = True  # rank 0's progress: Ray's tqdm bar when the driver has a terminal, else a line per 5%
     address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a local cluster on 127.0.0.1)
 
 

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
             ray.shutdown()
     print("\n== 3/3 evaluate: budget grid, AdaLLaVA vs early exit vs random skipping vs the full model", flush=True)
-    eval_cfg.model, eval_cfg.base = str(adapted.final_checkpoint), str(base.final_checkpoint)
+    # the registered version when there is one: evaluation tags it with its accuracy per budget
+    eval_cfg.model = adapted.registered_model or str(adapted.final_checkpoint)
+    eval_cfg.base = str(base.final_checkpoint)
     eval_cfg.run_name = eval_cfg.run_name or f"evaluate-{stamp}"
     t = time.perf_counter()
     report = evaluate.run(eval_cfg)
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== done in " + f"{total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
     print(f"base checkpoint:    {base.final_checkpoint}")
     print(f"adapted checkpoint: {adapted.final_checkpoint}")
+    if adapted.registered_model:
+        print(f"registered model:   {adapted.registered_model} (serve it: python -m serve --model {adapted.registered_model})")
     print(f"evaluation:         {Path(report['plots'][0]).parent}")
     if uri.startswith("sqlite:///"):
         print("\nOpen the results in MLflow (experiment 'adallava': runs base, adapt, evaluate):")

@@ -2,6 +2,7 @@
 
     python -m pipelines.evaluate --config pipelines/configs/eval_tiny.yaml model=<adapted ckpt> base=<base ckpt>
     python -m pipelines.evaluate model=<adapted ckpt> budgets=[0.5,0.75,1.0] max_examples=100
+    python -m pipelines.evaluate --config pipelines/configs/eval_tiny.yaml model=models:/adallava/3 base=<base ckpt>
 
 For each budget (default: the model's own steps, adallava.budget.budget_grid): accuracy overall and per question
 type, measured prefill and per-token latency (requests timed one at a time), analytic FLOPs, and the execution plans
@@ -11,17 +12,21 @@ chosen (how often each layer runs). Methods at the same budgets, from the same b
   random_skip  the base model running k schedulable layers drawn at random per request (seeded)
   full         the base model with every layer (one point, budget 1.0)
 Writes results.json and PNG plots (accuracy vs budget, accuracy vs measured latency, layer usage vs budget, a
-qualitative figure), logs all of it to MLflow, and prints a table.
+qualitative figure), logs all of it to MLflow, and prints a table. A registered model (model=models:/<name>/<version>
+or models:/<name>@<alias>) gets its accuracy per budget as tags on that model version.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
+
+from registry import RegistryError, is_registry_uri
 
 from .common import mlflow_experiment
 from .config import EvalConfig, as_dict, load_config, project_path, tracking_uri
@@ -136,6 +141,16 @@ def summarise(rows):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _local(model: str, cfg: EvalConfig) -> Path:
+    """A checkpoint folder (relative to the project) or a registry URI (models:/<name>/<version> or @<alias>,
+    downloaded once per version into the local cache) -> a local folder presets.load opens."""
+    if is_registry_uri(model):
+        from registry import local_model
+
+        return Path(local_model(model, tracking_uri=tracking_uri(cfg.mlflow_tracking_uri)))
+    return project_path(model)
+
+
 def run(cfg: EvalConfig) -> dict:
     import mlflow
     import torch
@@ -152,10 +167,15 @@ def run(cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    model, processor = presets.load(project_path(cfg.model))
+    if is_registry_uri(cfg.model):  # an alias is read once: the version evaluated is the version tagged
+        from registry import pinned_uri
+
+        cfg = dataclasses.replace(cfg, model=pinned_uri(cfg.model, tracking_uri(cfg.mlflow_tracking_uri)))
+    model_path, base_path = _local(cfg.model, cfg), _local(cfg.base or cfg.model, cfg)
+    model, processor = presets.load(model_path)
     base = model
-    if cfg.base and project_path(cfg.base) != project_path(cfg.model):
-        base, _ = presets.load(project_path(cfg.base))
+    if base_path != model_path:
+        base, _ = presets.load(base_path)
     model.eval(), base.eval()
     tokenizer = processor.tokenizer
     budgets = [float(b) for b in (cfg.budgets or budget_grid(model.config))]
@@ -192,7 +212,10 @@ def run(cfg: EvalConfig) -> dict:
     with torch.inference_mode():
         # one warm-up generation so the first timed request does not pay for lazy initialisation
         model.generate(**singles[0], max_new_tokens=2) if singles else None
-        for method, b in tqdm(jobs, desc="evaluate", unit="setting", disable=not cfg.progress, file=sys.stdout):
+        # a bar in a terminal (disable=None: tqdm turns itself off when stdout is not a TTY), a line per setting in logs
+        lines = cfg.progress and not sys.stdout.isatty()
+        for i, (method, b) in enumerate(tqdm(jobs, desc="evaluate", unit="setting", disable=None if cfg.progress else True,
+                                             file=sys.stdout)):  # fmt: skip
             m = model if method == "adallava" else base
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + int(round(b * 1000)))
             rows = generate_batches(m, tokenizer, batches, method, b, cfg, gen)
@@ -204,6 +227,9 @@ def run(cfg: EvalConfig) -> dict:
             summary["budget"] = b
             results[method][f"{b:.4f}"] = summary
             examples[method][f"{b:.4f}"] = rows
+            if lines:
+                print(f"[evaluate] {i + 1}/{len(jobs)} {method} budget {b:.3f}: accuracy {100 * summary['accuracy']:.1f}%",
+                      flush=True)  # fmt: skip
 
     # ---- outputs
     out_dir = project_path(cfg.output_dir)
@@ -245,6 +271,11 @@ def run(cfg: EvalConfig) -> dict:
         for p in plots:
             mlflow.log_artifact(str(p), artifact_path="plots")
         report["mlflow_run_id"] = mlrun.info.run_id
+    if is_registry_uri(cfg.model) and "adallava" in results:  # the registered version carries its accuracy per budget
+        from registry import attach_evaluation
+
+        acc = {s["budget"]: s["accuracy"] for s in results["adallava"].values()}
+        report["registered_model"] = attach_evaluation(cfg.model, acc, run_id=report["mlflow_run_id"], tracking_uri=uri)
     print(report["table"])
     print(f"\nresults: {out_dir / 'results.json'}; plots: {', '.join(p.name for p in plots)}")
     print(f"MLflow run {report['mlflow_run_id']} (experiment {cfg.experiment!r}, {uri})")
@@ -436,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("model=<checkpoint dir> is required")
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    run(cfg)
+    try:
+        run(cfg)
+    except RegistryError as e:  # a models:/ URI that names no version: say which, no traceback
+        parser.error(str(e))
     return 0
 
 

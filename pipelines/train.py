@@ -166,6 +166,13 @@ def read_state(directory: Path) -> dict:
 # the loop each worker runs
 
 
+def progress_line(stage: str, step: int, steps: int, loss: float, lr: float, steps_per_s: float, eta_s: float) -> str:
+    """One self-contained progress line (for logs: no bar, no carriage return, no cursor codes)."""
+    eta = f"{int(eta_s) // 3600}h{int(eta_s) % 3600 // 60:02d}m" if eta_s >= 3600 else f"{int(eta_s) // 60}m{int(eta_s) % 60:02d}s"
+    return (f"[{stage}] step {step}/{steps} ({100 * step / steps:.0f}%) loss {loss:.4f} lr {lr:.2e} "
+            f"{steps_per_s:.2f} it/s ETA {eta}")  # fmt: skip
+
+
 def _build_model(cfg: TrainConfig, checkpoint_dir: Path | None):
     from adallava import presets
 
@@ -353,13 +360,16 @@ def train_loop(config: dict) -> None:
     if rank == 0 and run_id:
         mlflow.set_tracking_uri(config["tracking_uri"])
         mlflow.start_run(run_id=run_id)
-    bar = None
-    if rank == 0 and cfg.progress:
-        # Ray's tqdm: the bar lives in the driver's terminal instead of interleaving with worker logs
+    # Progress from rank 0: Ray's tqdm (the driver draws the bar, between worker log lines) when the driver has a
+    # terminal; otherwise (a file, `ray job logs`) one plain line per 5% of the steps, so logs carry no cursor codes.
+    bar, progress_lines = None, rank == 0 and cfg.progress and not config.get("progress_bar")
+    if rank == 0 and cfg.progress and config.get("progress_bar"):
         from ray.experimental.tqdm_ray import tqdm
 
         bar = tqdm(total=steps, desc=f"train {cfg.stage}", unit="step")
         bar.update(state["step"])
+    line_every = max(1, steps // 20)
+    t_loop, t_line, step_line = time.perf_counter(), time.perf_counter(), state["step"]
     resumed_from = state["step"]
     ckpt_root = Path(config["local_checkpoint_root"])
     it = iter(loader)
@@ -414,10 +424,11 @@ def train_loop(config: dict) -> None:
             t_window, window = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
             if rank == 0 and run_id:
                 mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
-        if rank == 0 and cfg.progress and (step % max(1, steps // 10) == 0 or step == steps):
-            # a plain line too: Ray's bar shows only in an interactive terminal, logs keep these
-            print(f"[{cfg.stage}] step {step}/{steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"{metrics.get('samples_per_s', float('nan')):.1f} samples/s", flush=True)  # fmt: skip
+        if progress_lines and (step % line_every == 0 or step == steps):
+            now = time.perf_counter()
+            print(progress_line(cfg.stage, step, steps, metrics["loss"], metrics["lr"], (step - step_line) / (now - t_line),
+                                (steps - step) * (now - t_loop) / (step - resumed_from)), flush=True)  # fmt: skip
+            t_line, step_line = now, step
         if bar is not None:
             bar.update(1)
             bar.set_description(f"train {cfg.stage} loss {metrics['loss']:.3f}")
@@ -457,6 +468,7 @@ class TrainOutcome:
     mlflow_run_id: str
     bad_records: dict
     wall_s: float
+    registered_model: str | None = None  # models:/<name>/<version> of the checkpoint (stage adapt), else None
 
 
 def run(cfg: TrainConfig, callbacks: list | None = None, tags: dict | None = None) -> TrainOutcome:
@@ -492,6 +504,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tags: dict | None = Non
                 "image_root": None if image_root is None else str(image_root), "mlflow_run_id": run_id,
                 "val_json": str(prepare_dataset(cfg, "validation")[0]) if cfg.val_every > 0 else None,
                 "tracking_uri": uri,
+                # a bar only where a person watches the driver: in a file or `ray job logs` tqdm leaves cursor codes
+                "progress_bar": cfg.progress and sys.stderr.isatty(),
                 # where rank 0 stages a checkpoint before report() persists it to storage_path
                 "local_checkpoint_root": str(Path(os.environ.get("TMPDIR", "/tmp")) / "adallava-ckpt" / name / run_id),
             },  # fmt: skip
@@ -525,12 +539,37 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tags: dict | None = Non
         client.set_tag(run_id, "final_checkpoint", str(final))
         client.set_terminated(run_id, "FINISHED")
         _print_summary(cfg, result, final, bad, wall, run_id)
-        return TrainOutcome(result=result, final_checkpoint=final, mlflow_run_id=run_id, bad_records=bad, wall_s=wall)
+        registered = register_final_checkpoint(cfg, client, run_id, final, result)
+        return TrainOutcome(result=result, final_checkpoint=final, mlflow_run_id=run_id, bad_records=bad, wall_s=wall,
+                            registered_model=registered)  # fmt: skip
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def register_final_checkpoint(cfg: TrainConfig, client, run_id: str, final: Path | None, result) -> str | None:
+    """Stage adapt: the final checkpoint becomes a new version of registered model `cfg.registered_model` in the
+    MLflow Model Registry (registry/), with the run, preset, granularity and final loss on it. Returns its
+    models:/<name>/<version> URI (None for stage base, or registered_model=null)."""
+    if cfg.stage != "adapt" or not cfg.registered_model or final is None:
+        return None
+    from registry import register_checkpoint
+
+    model_config = json.loads((final / "config.json").read_text()) if "://" not in str(final) else {}
+    m = result.metrics or {}
+    tags = {"preset": cfg.preset, "stage": cfg.stage, "granularity": model_config.get("granularity", "unknown"),
+            "steps": m.get("step"), "final_loss": f"{m.get('loss', float('nan')):.4f}", "checkpoint": str(final),
+            "dataset": cfg.dataset, "mlflow_run_name": client.get_run(run_id).info.run_name}  # fmt: skip
+    # a checkpoint in remote storage was not logged as run artifacts: the version points at it where it is
+    source = str(final) if "://" in str(final) else None
+    mv = register_checkpoint(run_id, cfg.registered_model, tags=tags, tracking_uri=tracking_uri(cfg.mlflow_tracking_uri),
+                             source=source)  # fmt: skip
+    uri = f"models:/{mv.name}/{mv.version}"
+    client.set_tag(run_id, "registered_model", uri)
+    print(f"[{cfg.stage}] registered as {uri} (MLflow Model Registry; serve it: python -m serve --model {uri})")
+    return uri
 
 
 def _print_summary(cfg, result, final, bad, wall, run_id):

@@ -315,7 +315,7 @@ def run(cfg: SweepConfig) -> dict:
         state_file.write_text(json.dumps(state, indent=1))
 
     train_base = as_dict(train_cfg)
-    train_base.update(report_every=cfg.val_every, progress=False)
+    train_base.update(report_every=cfg.val_every, progress=False, registered_model=None)  # the winner registers, not trials
     setup = {
         "name": name, "train": train_base, "searched": sorted(cfg.search_space), "defaults": defaults,
         "parent_run_id": parent, "tracking_uri": uri, "experiment": cfg.experiment,

@@ -234,7 +234,7 @@ def _split_records(split, n, seed, real, images_dir, progress):
     counters: dict = {}
     records, pngs = [], {}
     text_hard = False
-    for i in tqdm(range(n), desc=f"bundled {split}", disable=not progress, leave=False):
+    for i in tqdm(range(n), desc=f"bundled {split}", disable=None if progress else True, leave=False):  # off when not a TTY
         qtype, difficulty = CYCLE[i % len(CYCLE)]
         if qtype == "text":  # alternate easy and hard text questions
             difficulty, text_hard = ("hard" if text_hard else "easy"), not text_hard
