@@ -16,8 +16,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if not sys.stdout.isatty():  # worker log lines printed by this driver: no colour codes around "(pid=...)" in a file
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+if not sys.stdout.isatty():  # output to a file or `ray job logs`: plain lines, no bars or colour codes
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # around the "(RayTrainWorker pid=...)" prefix
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registry downloads
 
 
 def init_ray(address: str | None = None) -> bool:

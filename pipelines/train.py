@@ -426,8 +426,11 @@ def train_loop(config: dict) -> None:
                 mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
         if progress_lines and (step % line_every == 0 or step == steps):
             now = time.perf_counter()
-            print(progress_line(cfg.stage, step, steps, metrics["loss"], metrics["lr"], (step - step_line) / (now - t_line),
-                                (steps - step) * (now - t_loop) / (step - resumed_from)), flush=True)  # fmt: skip
+            # sys.stdout, not print: Ray Train patches print() on workers to log *and* echo, which doubles each line
+            sys.stdout.write(progress_line(cfg.stage, step, steps, metrics["loss"], metrics["lr"],
+                                           (step - step_line) / (now - t_line),
+                                           (steps - step) * (now - t_loop) / (step - resumed_from)) + "\n")  # fmt: skip
+            sys.stdout.flush()
             t_line, step_line = now, step
         if bar is not None:
             bar.update(1)

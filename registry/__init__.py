@@ -121,7 +121,7 @@ def local_model(model: str, tracking_uri: str | None = None, cache_dir: str | Pa
     import mlflow
 
     mv = resolve(model, tracking_uri)
-    _, turi = _client(tracking_uri)
+    turi = tracking_uri or default_tracking_uri()
     key = hashlib.sha1(turi.encode()).hexdigest()[:12]
     target = Path(cache_dir or default_cache_dir()) / key / urllib.parse.quote(mv.name, safe="") / str(mv.version)
     if (target / COMPLETE).is_file():
@@ -131,19 +131,22 @@ def local_model(model: str, tracking_uri: str | None = None, cache_dir: str | Pa
     staging.mkdir(parents=True)
     if not sys.stderr.isatty():  # MLflow's download bar writes carriage returns into log files
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{SCHEME}{mv.name}/{mv.version}", dst_path=str(staging), tracking_uri=turi
-    )
-    if not (staging / "config.json").is_file():
+    # the version's own download location (runs:/<run id>/model), read through this client: MLflow's models:/
+    # artifact repository would consult the process-wide registry URI instead of `tracking_uri`
+    client, _ = _client(tracking_uri, about=model)
+    source = client.get_model_version_download_uri(mv.name, str(mv.version))
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=turi))
+    if not (got / "config.json").is_file():
         shutil.rmtree(staging, ignore_errors=True)
         raise RegistryError(f"{model}: version {mv.version} (source {mv.source}) holds no save_pretrained folder")
-    (staging / COMPLETE).write_text(f"{mv.name} {mv.version} {mv.source}\n")
+    (got / COMPLETE).write_text(f"{mv.name} {mv.version} {mv.source}\n")
     try:
-        os.replace(staging, target)  # atomic; a replica that lost the race keeps the other's complete copy
+        os.replace(got, target)  # atomic; a replica that lost the race keeps the other's complete copy
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / COMPLETE).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
             raise
+    shutil.rmtree(staging, ignore_errors=True)
     return str(target)
 
 
@@ -171,12 +174,12 @@ def register_checkpoint(run_id: str, name: str, tags: dict | None = None, tracki
 
 
 def attach_evaluation(uri: str, accuracy: dict, run_id: str | None = None, tracking_uri: str | None = None) -> str:
-    """Tag the model version a registry URI names with the evaluation's accuracy per budget (`accuracy@<budget>`,
+    """Tag the model version a registry URI names with the evaluation's accuracy per budget (`accuracy/<budget>`,
     in %) and the evaluation run's id; the run's metrics hold the rest. Returns the pinned URI tagged."""
     mv = resolve(uri, tracking_uri)
     client, _ = _client(tracking_uri)
     for budget, acc in sorted(accuracy.items()):
-        client.set_model_version_tag(mv.name, mv.version, f"accuracy@{float(budget):.3f}", f"{100 * float(acc):.1f}")
+        client.set_model_version_tag(mv.name, mv.version, f"accuracy/{float(budget):.3f}", f"{100 * float(acc):.1f}")
     if run_id:
         client.set_model_version_tag(mv.name, mv.version, "evaluation_run_id", run_id)
     return f"{SCHEME}{mv.name}/{mv.version}"

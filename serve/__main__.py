@@ -3,6 +3,8 @@
     python -m serve                                  # tiny preset on http://127.0.0.1:8000
     python -m serve --model /path/to/checkpoint --port 8001 policy.slo_ms=1500 max_replicas=3
     python -m serve --config serve/configs/tiny.yaml # the args: of a Serve config file, plus overrides
+    python -m serve --model models:/adallava/3       # a registered model version (MLflow Model Registry)
+    python -m serve --model models:/adallava@prod    # the version an alias names now (pinned at start)
 
 key=value overrides name ServeConfig fields (serve/app.py), dotted for policy.* and limits.*.
 For a cluster, use the Serve config file instead: `serve run serve/configs/tiny.yaml` or `serve deploy ...`.
@@ -19,7 +21,10 @@ import time
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="'tiny' (default) or a checkpoint directory")
+    ap.add_argument("--model", default=None, help="'tiny' (default), a checkpoint directory, or a registered model: "
+                    "models:/<name>/<version> or models:/<name>@<alias>")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI for models:/ "
+                    "(default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(4, cores))")
@@ -48,11 +53,23 @@ def main(argv=None):
     import ray
     from ray import serve
 
+    from registry import RegistryError, default_tracking_uri, is_registry_uri, pinned_uri
     from serve.app import build_app, make_config
 
     cfg = make_config(app_args)  # fail on a bad key before starting Ray
+    runtime_env = None
+    if is_registry_uri(cfg.model):
+        # Resolve before Ray starts: a name, version or alias that does not exist is an error naming the URI. An
+        # alias is pinned to its version now; each replica downloads that version once into its node's cache.
+        uri = args.tracking_uri or default_tracking_uri()
+        try:
+            cfg.model = pinned_uri(cfg.model, uri)
+        except RegistryError as e:
+            ap.error(str(e))
+        print(f"serving {app_args['model']} = {cfg.model} from the registry at {uri}", flush=True)
+        runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}  # where the replicas resolve it
     ray.init(address="local", num_cpus=args.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=runtime_env)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(cfg), name="adallava", route_prefix="/")
     print(f"AdaLLaVA serving {cfg.model!r} as {cfg.model_name!r} on http://{args.host}:{args.port}/v1 "

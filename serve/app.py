@@ -173,7 +173,9 @@ class AdaLlavaModel:
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         self.torch = torch
-        self.model, self.processor = load(cfg.model, seed=cfg.seed) if cfg.model == "tiny" else load(cfg.model)
+        from registry import local_model  # models:/<name>/<version>: downloaded once per version into this node's cache
+
+        self.model, self.processor = load(cfg.model, seed=cfg.seed) if cfg.model == "tiny" else load(local_model(cfg.model))
         self.model.eval()
         mc = self.model.config
         self.budget_range = budgets.budget_range(mc)
