@@ -49,7 +49,8 @@ def main(argv=None):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster of our own (environment.md)
+    # Token auth stays Ray's default: ray.init() turns it on for the local cluster and writes ~/.ray/auth_token if
+    # missing (README, "On a Ray cluster"); loopback keeps the network out, not other users of this machine.
     import ray
     from ray import serve
 
