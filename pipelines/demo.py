@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 3/3 evaluate: budget grid, AdaLLaVA vs early exit vs random skipping vs the full model", flush=True)
     # the registered version when there is one: evaluation tags it with its accuracy per budget
     eval_cfg.model = adapted.registered_model or str(adapted.final_checkpoint)
+    eval_cfg.mlflow_tracking_uri = eval_cfg.mlflow_tracking_uri or adapt_cfg.mlflow_tracking_uri  # that registry
     eval_cfg.base = str(base.final_checkpoint)
     eval_cfg.run_name = eval_cfg.run_name or f"evaluate-{stamp}"
     t = time.perf_counter()
