@@ -15,9 +15,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
