@@ -89,7 +89,7 @@ class TrainConfig:
     log_every: int = 1  # MLflow metrics every N steps
     report_every: int = 10  # ray.train.report every N steps (a barrier across workers) and at every checkpoint
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # Ray Train's own logs (INFO: every report)
-    progress: bool = True  # rank 0's progress: Ray's tqdm bar when the driver has a terminal, else a line per 5%
+    progress: bool = True  # rank 0 prints a progress line (step, loss, lr, it/s, ETA) every 5% of the steps
     address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a local cluster on 127.0.0.1)
 
 

@@ -360,14 +360,10 @@ def train_loop(config: dict) -> None:
     if rank == 0 and run_id:
         mlflow.set_tracking_uri(config["tracking_uri"])
         mlflow.start_run(run_id=run_id)
-    # Progress from rank 0: Ray's tqdm (the driver draws the bar, between worker log lines) when the driver has a
-    # terminal; otherwise (a file, `ray job logs`) one plain line per 5% of the steps, so logs carry no cursor codes.
-    bar, progress_lines = None, rank == 0 and cfg.progress and not config.get("progress_bar")
-    if rank == 0 and cfg.progress and config.get("progress_bar"):
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=steps, desc=f"train {cfg.stage}", unit="step")
-        bar.update(state["step"])
+    # Progress from rank 0: one plain line per 5% of the steps, the same in a terminal, a file and `ray job logs`. Not
+    # a bar: a worker's tqdm (also Ray's tqdm_ray) reaches the driver through Ray Train's print patch, which drops or
+    # doubles lines depending on how the worker's stdout is wrapped, and a bar in a file is cursor codes.
+    progress_lines = rank == 0 and cfg.progress
     line_every = max(1, steps // 20)
     t_loop, t_line, step_line = time.perf_counter(), time.perf_counter(), state["step"]
     resumed_from = state["step"]
@@ -432,9 +428,6 @@ def train_loop(config: dict) -> None:
                                            (steps - step) * (now - t_loop) / (step - resumed_from)) + "\n")  # fmt: skip
             sys.stdout.flush()
             t_line, step_line = now, step
-        if bar is not None:
-            bar.update(1)
-            bar.set_description(f"train {cfg.stage} loss {metrics['loss']:.3f}")
         last = step == steps
         ckpt = None
         if step % cfg.checkpoint_every == 0 or last:
@@ -454,8 +447,6 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}" if ckpt else None)
         if ckpt is not None:
             shutil.rmtree(ckpt.path, ignore_errors=True)  # persisted to storage by report(); the local copy goes
-    if bar is not None:
-        bar.close()
     if rank == 0 and run_id:
         mlflow.end_run()
 
@@ -507,8 +498,6 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tags: dict | None = Non
                 "image_root": None if image_root is None else str(image_root), "mlflow_run_id": run_id,
                 "val_json": str(prepare_dataset(cfg, "validation")[0]) if cfg.val_every > 0 else None,
                 "tracking_uri": uri,
-                # a bar only where a person watches the driver: in a file or `ray job logs` tqdm leaves cursor codes
-                "progress_bar": cfg.progress and sys.stderr.isatty(),
                 # where rank 0 stages a checkpoint before report() persists it to storage_path
                 "local_checkpoint_root": str(Path(os.environ.get("TMPDIR", "/tmp")) / "adallava-ckpt" / name / run_id),
             },  # fmt: skip
