@@ -51,36 +51,44 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
     return model
 
 
-def lora_state_dict(model) -> dict:
-    """The adapters' tensors in peft's saved layout (keys without the adapter name)."""
+_LM_PREFIX = "model.language_model."
+
+
+def lora_state_dict(model, state_dict: dict | None = None) -> dict:
+    """The adapters' tensors in peft's saved layout (keys without the adapter name). state_dict: the whole model's
+    (e.g. gathered from FSDP); default: the model's own."""
     from peft.utils import get_peft_model_state_dict
 
     lm = _language_model(model)
+    if state_dict is not None:
+        state_dict = {k[len(_LM_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_LM_PREFIX)}
     lm.peft_config = {"default": lm._adallava_lora_config}
     try:
-        return get_peft_model_state_dict(lm)
+        return get_peft_model_state_dict(lm, state_dict=state_dict)
     finally:
         del lm.peft_config
 
 
-def base_state_dict(model) -> dict:
-    """The model's state dict with the adapters left out and the wrapped projections under their own names (what
-    save_pretrained writes next to the adapter files)."""
+def base_state_dict(model, state_dict: dict | None = None) -> dict:
+    """The model's state dict (or the given one) with the adapters left out and the wrapped projections under their
+    own names (what save_pretrained writes next to the adapter files)."""
     out = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state_dict is None else state_dict).items():
         if ".lora_" in key:
             continue
         out[key.replace(".base_layer.", ".")] = value
     return out
 
 
-def save_lora(model, directory) -> None:
+def save_lora(model, directory, state_dict: dict | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors into `directory` (presets.load applies them when present)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _language_model(model)._adallava_lora_config.save_pretrained(str(directory))
-    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}, str(directory / WEIGHTS_FILE))
+    tensors = lora_state_dict(model, state_dict)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE))
 
 
 def load_lora(model, directory):

@@ -104,6 +104,12 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
 def validate(cfg: TrainConfig) -> None:
     """Errors that are cheaper to raise before any worker starts."""
     grad_accumulation(cfg, cfg.num_workers)
+    if cfg.lora:
+        known = {"r", "alpha", "dropout", "target_modules"}
+        if set(cfg.lora) - known:
+            raise ValueError(f"lora: unknown key(s) {sorted(set(cfg.lora) - known)}; known: {sorted(known)}")
+        if cfg.stage != "adapt":
+            raise ValueError("lora adapts a trained base's language model: stage adapt only")
     if cfg.stage == "adapt" and not cfg.init_from:
         raise ValueError("stage adapt fine-tunes a base model: set init_from=<base checkpoint dir>")
     if cfg.init_from and not (project_path(cfg.init_from) / "config.json").is_file():
@@ -145,6 +151,11 @@ def save_checkpoint(directory: Path, model, processor, optimizer_state, schedule
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    from adallava import lora
+
+    if lora.has_lora(model):  # base weights under their own names + the adapters beside them (presets.load joins them)
+        lora.save_lora(model, staging, model_state)
+        model_state = lora.base_state_dict(model, model_state)
     model.save_pretrained(staging, state_dict=model_state)
     processor.save_pretrained(staging)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
@@ -263,6 +274,12 @@ class _ConfiguredModel:
         return self.wrapped(*args, **kwargs)
 
 
+def _has_lora(model) -> bool:
+    from adallava.lora import has_lora
+
+    return has_lora(model)
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import mlflow
@@ -292,6 +309,10 @@ def train_loop(config: dict) -> None:
     model, processor = _build_model(cfg, resume_dir)
     if cfg.freeze_vision_tower:  # spec 4: CLIP frozen; projector, LM, latency encoder and scheduler train
         model.model.vision_tower.requires_grad_(False)
+    if cfg.lora and not _has_lora(model):  # a resumed checkpoint brings its adapters back (presets.load)
+        from adallava.lora import add_lora
+
+        add_lora(model, **cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

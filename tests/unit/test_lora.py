@@ -92,3 +92,36 @@ def test_lora_refuses_unknown_targets_and_dora():
         lora.add_lora(model, target_modules=("q_proj", "embed_tokens"))
     with pytest.raises(ValueError, match="DoRA"):
         lora.add_lora(model, r=2, use_dora=True)
+
+
+def test_pipeline_checkpoint_with_lora_loads_with_its_adapters(tmp_path):
+    """pipelines.train.save_checkpoint writes base weights + adapter files; presets.load joins them again."""
+    from adallava import presets
+    from pipelines.train import save_checkpoint
+
+    model, processor = _with_lora("head")
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), lambda s: 1.0)
+    save_checkpoint(tmp_path / "step", model, processor, {}, sched, {"step": 1})
+    assert (tmp_path / "step" / lora.CONFIG_FILE).is_file()
+    loaded, _ = presets.load(tmp_path / "step")
+    assert lora.has_lora(loaded)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, budget=[1.0, 0.75, 0.625]).logits
+        b = loaded(input_ids=ids, attention_mask=mask, budget=[1.0, 0.75, 0.625]).logits
+    assert torch.equal(a, b)
+
+
+def test_train_config_lora_keys_checked():
+    from pipelines.train import validate
+
+    with pytest.raises(ValueError, match="lora: unknown key.*'rank'"):
+        validate(_adapt_cfg(lora={"rank": 8}))
+    with pytest.raises(ValueError, match="stage adapt only"):
+        validate(_adapt_cfg(stage="base", lora={"r": 8}))
+
+
+def _adapt_cfg(**kw):
+    from pipelines.config import TrainConfig
+
+    return TrainConfig(**{"stage": "adapt", "global_batch_size": 32, "micro_batch_size": 16, "num_workers": 2, **kw})
