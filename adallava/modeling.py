@@ -230,7 +230,8 @@ def _sliced_weights(layer, heads_on: torch.Tensor, groups_on: torch.Tensor, n_re
     q_heads = heads_on.nonzero().flatten()
     kv_heads = torch.unique(q_heads // n_rep)
     kv_map = None
-    if len(kv_heads) != len(q_heads):
+    per_kv = torch.bincount(q_heads // n_rep)[kv_heads] if len(q_heads) else None
+    if per_kv is not None and bool((per_kv != per_kv[0]).any()):  # uneven: index; else SDPA's enable_gqa (no copy)
         kv_map = _to_device(torch.searchsorted(kv_heads, q_heads // n_rep), dev)
     rows = lambda heads: _to_device((heads[:, None] * d + torch.arange(d)).flatten(), dev)  # noqa: E731
     groups = groups_on.nonzero().flatten().tolist()
