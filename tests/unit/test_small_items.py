@@ -35,6 +35,9 @@ def test_head_group_for_40_heads_is_the_official_8():
     cfg = AdaLlavaConfig(text_config=text, granularity="head")
     assert (cfg.group_size, cfg.units_per_layer) == (8, 5)  # 13B-H: T_u = 200, as scheduler_rank = 8
     assert budget.encoder_input(torch.tensor([1.0], dtype=torch.float64), cfg).item() == 100 / 101
+    from adallava.config import default_group_size
+
+    assert [default_group_size(h) for h in (8, 16, 32, 40, 64)] == [2, 4, 8, 8, 8]  # small models keep 4 units
 
 
 def test_adaptive_loss_is_a_per_token_mean():
