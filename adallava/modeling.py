@@ -17,6 +17,7 @@ runs them in one of two ways:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layern
 _ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The name of the per-layer method the decoder loop calls when a layer has one (model.bind_layer_forwards): a sharding
+# wrapper (FSDP2's register_fsdp_forward_method) gathers the layer's parameters around it, as around a forward.
+LAYER_METHOD = "adallava_forward"
 
 
 def _is_peft_lora(module) -> bool:
@@ -137,6 +141,8 @@ def check_layer_modules(layers, where: str = "model.language_model.layers") -> N
                 raise ValueError(f"{name}{suffix} has submodules {sorted(extra)} that AdaLLaVA's decoder loop would "
                                  f"not run ({type(parts[suffix]).__name__}): unsupported architecture")  # fmt: skip
         for suffix, module in parts.items():
+            if suffix == "" and _is_fsdp_unit(module):  # FSDP2's own hooks, run around LAYER_METHOD as well
+                continue
             if module._forward_hooks or module._forward_pre_hooks:
                 raise ValueError(f"{name}{suffix} has forward hooks, which AdaLLaVA's decoder loop would never fire "
                                  "(it runs the layer's weights itself): remove them")  # fmt: skip
@@ -158,6 +164,12 @@ def check_layer_modules(layers, where: str = "model.language_model.layers") -> N
                         raise ValueError(f"{full}: LoRA variant (DoRA, ...) of adapter {adapter!r} is not supported")
                     if adapter in module.lora_B.keys() and module.lora_B[adapter].bias is not None:
                         raise ValueError(f"{full}: LoRA adapter {adapter!r} has lora_bias, which is not supported")
+
+
+def _is_fsdp_unit(layer) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(layer, FSDPModule) and getattr(layer, LAYER_METHOD, None) is not None
 
 
 @dataclass
@@ -503,6 +515,16 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             self._neuron_index[key] = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(device)
         return self._neuron_index[key]
 
+    def bind_layer_forwards(self) -> None:
+        """Give each decoder layer a method LAYER_METHOD that runs it as the decoder loop does, so that a per-layer
+        sharding wrapper can gather its parameters around that call (FSDP2: register_fsdp_forward_method)."""
+        for layer in self._layers:
+            object.__setattr__(layer, LAYER_METHOD, functools.partial(self._run_layer, layer))
+
+    def _layer_fn(self, layer):
+        fn = getattr(layer, LAYER_METHOD, None)
+        return fn if fn is not None else functools.partial(self._run_layer, layer)
+
     def full_layer_weights(self, layer) -> _LayerWeights:
         """How a layer runs with every head and neuron (for cost profiling: adallava.cost.profile_latency)."""
         return _full_weights(layer, self._n_rep)
@@ -614,10 +636,11 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                         state.groups[i] = self._groups_for_layer(layer, full_on, True, state.capacity, B)
                     group = state.groups[i][0]
                 args = (w, h, cos, sin, mask, group, past, None if p is None else p[:, 0], None if p is None else p[:, 1])
+                run = self._layer_fn(layer)
                 if self.training and getattr(layer, "gradient_checkpointing", False):
-                    h = checkpoint(self._run_layer, layer, *args, use_reentrant=False)
+                    h = checkpoint(run, *args, use_reentrant=False)
                 else:
-                    h = self._run_layer(layer, *args)
+                    h = run(*args)
                 continue
             # skip mode, schedulable layer
             if plan_cpu is None and not (state is not None and i in state.groups):
