@@ -64,3 +64,29 @@ def test_skip_mode_prefill_syncs_do_not_grow_with_layers():
     short, long = _count(4, "head", "skip", False), _count(8, "head", "skip", False)
     assert short == long
     assert short.count("cpu") == 1  # one copy of the plan per request
+
+
+def test_generate_synchronises_cuda_before_each_timer_read(monkeypatch):
+    """prefill_s / decode_s are read only after the device has finished (CUDA runs asynchronously)."""
+    from adallava import modeling
+
+    events = []
+    monkeypatch.setattr(modeling, "_sync", lambda device: events.append("sync"))
+    real_clock = modeling.time.perf_counter
+    monkeypatch.setattr(modeling.time, "perf_counter", lambda: events.append("clock") or real_clock())
+    model, _ = build_tiny("layer")
+    ids = torch.randint(5, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, budget=[1.0, 0.75], max_new_tokens=3, return_dict_in_generate=True)
+    clocks = [i for i, e in enumerate(events) if e == "clock"]
+    assert len(clocks) == 3 and all(events[i - 1] == "sync" for i in clocks)
+    assert out.timings["prefill_s"] > 0
+
+
+def test_sync_calls_cuda_synchronize_only_for_cuda(monkeypatch):
+    from adallava import modeling
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    modeling._sync(torch.device("cpu"))
+    modeling._sync(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]
