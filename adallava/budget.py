@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 # floor(u*L*b) must give k for b = k/(u*L) even though k/(u*L)*(u*L) can land a hair below k in floating point
-# (0.57 * 100 = 56.99999999999999; a float32 0.7 is 0.69999999). A plan step is at least 1/(4*80) of the model, so a
-# tolerance of 1e-6 of a unit never merges two steps.
+# (0.57 * 100 = 56.99999999999999; a float32 0.7 is 0.69999999, a float32 33/160 is 1.2e-6 units short at uL = 160).
+# The tolerance is 1e-6 of u*L*b (at least 1e-6 of a unit): far below one step, far above float32's 6e-8.
 _FLOOR_EPS = 1e-6
 
 
@@ -58,7 +58,9 @@ def validate_budget(budget, batch_size: int, config) -> torch.Tensor:
 def units_for_budget(budget: torch.Tensor, config) -> torch.Tensor:
     """k(b) = relu(floor(u*L*b) - u*P): schedulable units that run, per request (LongTensor)."""
     u, n_layers, prefix = config.units_per_layer, config.num_layers, config.num_prefix_layers
-    total = torch.floor(budget.to(torch.float64) * (u * n_layers) + _FLOOR_EPS).long()
+    x = budget.to(torch.float64) * (u * n_layers)
+    # a relative tolerance: a float32 budget k/(uL) is off by up to 6e-8 of itself, i.e. 1.2e-5 units at uL = 200
+    total = torch.floor(x + _FLOOR_EPS * x.clamp(min=1.0)).long()
     return (total - u * prefix).clamp(min=0, max=u * (n_layers - prefix))
 
 

@@ -2,6 +2,7 @@
 
     adallava demo                                   # tiny random model, a real photo, budgets 0.5 .. 1.0
     adallava demo --granularity head --model PATH   # any AdaLLaVA or llava-hf checkpoint directory
+    adallava convert SRC DST --vision-tower CLIP    # an official AdaLLaVA checkpoint -> this library's format
 """
 
 from __future__ import annotations
@@ -22,7 +23,26 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=16)
     d.add_argument("--budgets", help="comma-separated budgets (default: the model's own steps, 0.5 .. 1.0)")
     d.add_argument("--repeats", type=int, default=3, help="timed runs per budget (the median is shown)")
+    c = sub.add_parser("convert", help="an official AdaLLaVA checkpoint (LLaVA-repo format) -> this library's format")
+    c.add_argument("src", help="the official checkpoint folder (config.json with model_type ada_llava_llama)")
+    c.add_argument("dst", help="output folder (loads with adallava.presets.load)")
+    c.add_argument("--vision-tower", help="a local CLIP folder (openai/clip-vit-large-patch14-336) when SRC has none")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the source's")
     return p
+
+
+def convert(args) -> int:
+    import json
+
+    from .convert import convert_official
+
+    try:
+        summary = convert_official(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"adallava convert: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} -> {args.dst}: {json.dumps(summary)}")
+    return 0
 
 
 def _plan_string(fractions, num_prefix_layers) -> str:
@@ -99,6 +119,8 @@ def main(argv=None) -> int:
         if args.command is None:
             args = _parser().parse_args(["demo", *(argv or [])])
         return demo(args)
+    if args.command == "convert":
+        return convert(args)
     return 2
 
 

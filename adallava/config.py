@@ -17,9 +17,12 @@ GRANULARITIES = ("layer", "head")
 def default_group_size(num_heads: int) -> int:
     """Heads per scheduling unit for `head` granularity.
 
-    The paper uses 8 of 32 heads (4 units per layer). For other head counts we keep "about 4 units per layer": the
-    smallest divisor of num_heads that is >= num_heads / 4 (32 -> 8, 4 -> 1, 9 -> 3, 14 -> 7).
+    The official code uses scheduler_rank = 8 for its models (32 heads -> 4 units per layer, 13B's 40 -> 5): 8 when
+    it divides num_heads and leaves at least 4 units. Otherwise "about 4 units per layer": the smallest divisor of
+    num_heads that is >= num_heads / 4 (4 -> 1, 8 -> 2, 9 -> 3, 14 -> 7).
     """
+    if num_heads % 8 == 0 and num_heads >= 32:
+        return 8
     for r in range(1, num_heads + 1):
         if num_heads % r == 0 and r * 4 >= num_heads:
             return r

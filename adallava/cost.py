@@ -7,6 +7,8 @@ request has images, the vision tower and projector. Norms, RoPE and softmax are 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -204,10 +206,8 @@ def profile_latency(model, seq_lens=(64, 256, 640), repeats: int = 3, images: bo
             runs.append(time.perf_counter() - t)
         return statistics.median(runs) * 1e3
 
-    from .modeling import _full_weights
-
-    full_w = _full_weights(layer, model._n_rep)
-    attn_only = type(full_w)(**{**full_w.__dict__, "g_w": None})
+    full_w = model.full_layer_weights(layer)
+    attn_only = dataclasses.replace(full_w, mlp=False)
     rows = []
     for n in seq_lens:
         h = torch.randn(1, n, hidden, device=dev, dtype=model.dtype)

@@ -17,6 +17,8 @@ runs them in one of two ways:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -63,71 +65,193 @@ class AdaLlavaGenerateOutput(ModelOutput):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weights of one layer as run for one group of rows: full, or sliced to kept heads / neuron groups.
+# How one layer runs for one group of rows: every head and neuron, or only the kept heads / neuron groups. Only index
+# tensors are kept; the weights are read from the layer's modules at each call (a partly used layer's slice is a
+# transient copy, freed after the call), so what a request holds does not grow with rows x distinct plans.
+
+# Language-model architectures whose decoder layer this loop reproduces exactly (tested against transformers' own
+# model): attention = q/k/v/o projections + RoPE, MLP = down(act(gate) * up), two pre-norms. Anything else (Qwen3's
+# q_norm/k_norm, Gemma's extra norms, ...) is refused at construction.
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The name of the per-layer method the decoder loop calls when a layer has one (model.bind_layer_forwards): a sharding
+# wrapper (FSDP2's register_fsdp_forward_method) gathers the layer's parameters around it, as around a forward.
+LAYER_METHOD = "adallava_forward"
+
+
+def _is_peft_lora(module) -> bool:
+    return type(module).__module__.startswith("peft.tuners.lora") and type(module).__name__ == "Linear"
+
+
+def _base_linear(module):
+    return module.base_layer if _is_peft_lora(module) else module
+
+
+def _project(module, x, rows=None, cols=None, bias=True):
+    """module(x) restricted to output features `rows` and input features `cols` (x already has only those). A plain
+    nn.Linear, or a peft LoRA Linear: its active adapters are applied to the same slice (B's rows, A's columns), so the
+    result equals the merged weights' slice."""
+    base = _base_linear(module)
+    w, b = base.weight, base.bias if bias else None
+    if rows is not None:
+        w = w.index_select(0, rows)
+        b = None if b is None else b.index_select(0, rows)
+    if cols is not None:
+        w = w.index_select(1, cols)
+    y = F.linear(x, w, b)
+    if base is module or module.disable_adapters or module.merged:
+        return y
+    for name in module.active_adapters:
+        if name not in module.lora_A.keys():
+            continue
+        a_w, b_w = module.lora_A[name].weight, module.lora_B[name].weight
+        if cols is not None:
+            a_w = a_w.index_select(1, cols)
+        if rows is not None:
+            b_w = b_w.index_select(0, rows)
+        xa = module.lora_dropout[name](x.to(a_w.dtype))
+        y = y + (F.linear(F.linear(xa, a_w), b_w) * module.scaling[name]).to(y.dtype)
+    return y
+
+
+def check_architecture(text_config) -> None:
+    """Refuse a language model this decoder loop would run wrongly (ValueError naming it)."""
+    kind = getattr(text_config, "model_type", None)
+    if kind not in SUPPORTED_TEXT_MODELS:
+        raise ValueError(f"language model architecture {kind!r} ({type(text_config).__name__}) is not supported: "
+                         f"AdaLLaVA's decoder loop reproduces {', '.join(SUPPORTED_TEXT_MODELS)} layers only")  # fmt: skip
+    if float(getattr(text_config, "attention_dropout", 0.0) or 0.0) != 0.0:
+        raise ValueError(f"attention_dropout={text_config.attention_dropout} is not supported (the decoder loop runs "
+                         "attention without dropout): set it to 0")  # fmt: skip
+
+
+def check_layer_modules(layers, where: str = "model.language_model.layers") -> None:
+    """Every decoder layer must be the plain structure the loop reads: extra submodules (q_norm, ...), projections that
+    are not nn.Linear or a peft LoRA Linear over one (quantised, custom wrappers), and forward hooks on modules whose
+    forward the loop does not call are refused by name."""
+    for i, layer in enumerate(layers):
+        name = f"{where}.{i}"
+        parts = {"": layer, ".self_attn": layer.self_attn, ".mlp": layer.mlp}
+        for suffix, allowed in (("", _LAYER_CHILDREN), (".self_attn", _ATTN_CHILDREN), (".mlp", _MLP_CHILDREN)):
+            extra = {n for n, _ in parts[suffix].named_children()} - allowed
+            if extra:
+                raise ValueError(f"{name}{suffix} has submodules {sorted(extra)} that AdaLLaVA's decoder loop would "
+                                 f"not run ({type(parts[suffix]).__name__}): unsupported architecture")  # fmt: skip
+        for suffix, module in parts.items():
+            if suffix == "" and _is_fsdp_unit(module):  # FSDP2's own hooks, run around LAYER_METHOD as well
+                continue
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise ValueError(f"{name}{suffix} has forward hooks, which AdaLLaVA's decoder loop would never fire "
+                                 "(it runs the layer's weights itself): remove them")  # fmt: skip
+        for proj in _PROJECTIONS:
+            parent = layer.self_attn if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            module = getattr(parent, proj)
+            base = _base_linear(module)
+            full = f"{name}.{'self_attn' if parent is layer.self_attn else 'mlp'}.{proj}"
+            if type(base) is not torch.nn.Linear:
+                raise ValueError(f"{full} is a {type(module).__module__}.{type(module).__name__}: AdaLLaVA's decoder "
+                                 "loop runs plain nn.Linear projections or peft LoRA Linears over one")  # fmt: skip
+            for m, what in ((module, full), (base, f"{full}.base_layer")):
+                if m._forward_hooks or m._forward_pre_hooks:
+                    raise ValueError(f"{what} has forward hooks, which AdaLLaVA's decoder loop would never fire: "
+                                     "remove them")  # fmt: skip
+            if base is not module:
+                for adapter in module.active_adapters:
+                    if adapter in getattr(module, "lora_variant", {}) or module.use_dora.get(adapter, False):
+                        raise ValueError(f"{full}: LoRA variant (DoRA, ...) of adapter {adapter!r} is not supported")
+                    if adapter in module.lora_B.keys() and module.lora_B[adapter].bias is not None:
+                        raise ValueError(f"{full}: LoRA adapter {adapter!r} has lora_bias, which is not supported")
+
+
+def _is_fsdp_unit(layer) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(layer, FSDPModule) and getattr(layer, LAYER_METHOD, None) is not None
 
 
 @dataclass
 class _LayerWeights:
-    q_w: torch.Tensor | None
-    q_b: torch.Tensor | None
-    k_w: torch.Tensor | None
-    k_b: torch.Tensor | None
-    v_w: torch.Tensor | None
-    v_b: torch.Tensor | None
-    o_w: torch.Tensor | None
-    o_b: torch.Tensor | None
-    g_w: torch.Tensor | None
-    g_b: torch.Tensor | None
-    u_w: torch.Tensor | None
-    u_b: torch.Tensor | None
-    d_w: torch.Tensor | None
-    d_b: torch.Tensor | None
+    """Which heads / neurons of one layer run for a group of rows (None: all). n_q = 0: attention skipped."""
+
+    layer: torch.nn.Module
     n_q: int  # query heads that run (0: attention skipped)
     n_kv: int  # key/value heads computed
-    kv_map: torch.Tensor | None  # for each query head, its K/V head among the computed ones (None: identity)
+    kv_map: torch.Tensor | None  # for each query head, its K/V head among the computed ones (None: no index needed)
+    q_rows: torch.Tensor | None = None  # q_proj output rows = o_proj input columns of the kept heads
+    kv_rows: torch.Tensor | None = None  # k_proj / v_proj output rows of the computed K/V heads
+    neurons: torch.Tensor | None = None  # kept MLP neurons (gate/up rows, down columns)
+    mlp: bool = True  # the MLP block runs
+
+    # The (base) weights as this group runs them; transient copies for a partial layer (inspection and tests).
+    def _w(self, proj, rows=None, cols=None):
+        w = _base_linear(proj).weight
+        w = w if rows is None else w.index_select(0, rows)
+        return w if cols is None else w.index_select(1, cols)
+
+    @property
+    def q_w(self):
+        return self._w(self.layer.self_attn.q_proj, rows=self.q_rows) if self.n_q else None
+
+    @property
+    def k_w(self):
+        return self._w(self.layer.self_attn.k_proj, rows=self.kv_rows) if self.n_q else None
+
+    @property
+    def v_w(self):
+        return self._w(self.layer.self_attn.v_proj, rows=self.kv_rows) if self.n_q else None
+
+    @property
+    def o_w(self):
+        return self._w(self.layer.self_attn.o_proj, cols=self.q_rows) if self.n_q else None
+
+    @property
+    def g_w(self):
+        return self._w(self.layer.mlp.gate_proj, rows=self.neurons) if self.mlp else None
+
+    @property
+    def u_w(self):
+        return self._w(self.layer.mlp.up_proj, rows=self.neurons) if self.mlp else None
+
+    @property
+    def d_w(self):
+        return self._w(self.layer.mlp.down_proj, cols=self.neurons) if self.mlp else None
 
 
 def _full_weights(layer, n_rep: int) -> _LayerWeights:
-    a, m = layer.self_attn, layer.mlp
-    n_q = a.q_proj.weight.shape[0] // a.head_dim
-    n_kv = a.k_proj.weight.shape[0] // a.head_dim
-    kv_map = None if n_rep == 1 else torch.arange(n_q, device=a.q_proj.weight.device) // n_rep
-    return _LayerWeights(
-        a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
-        a.o_proj.weight, a.o_proj.bias, m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias,
-        m.down_proj.weight, m.down_proj.bias, n_q, n_kv, kv_map,
-    )  # fmt: skip
+    a = layer.self_attn
+    n_q = _base_linear(a.q_proj).weight.shape[0] // a.head_dim
+    return _LayerWeights(layer, n_q, n_q // n_rep, None)  # GQA: SDPA's enable_gqa, no repeated K/V copy
 
 
-def _rows(w: torch.Tensor | None, idx: torch.Tensor, block: int) -> torch.Tensor | None:
-    """Rows idx*block .. idx*block+block-1 of w (output features of a head / a neuron)."""
-    if w is None:
-        return None
-    return w.view(-1, block, *w.shape[1:])[idx].reshape(-1, *w.shape[1:])
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU index tensor onto the model's device without a host sync (pinned, non-blocking on CUDA)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _sliced_weights(layer, heads_on: torch.Tensor, groups_on: torch.Tensor, n_rep: int, neuron_groups) -> _LayerWeights:
-    """Weights for a layer that runs only the heads and MLP neuron groups switched on.
-
-    A query head always runs with its key/value head (grouped-query attention): the K/V heads computed are those of
-    the kept query heads, and kv_map points each kept query head at its own.
-    """
-    a, m = layer.self_attn, layer.mlp
-    d = a.head_dim
+    """The heads and MLP neuron groups switched on (heads_on [H], groups_on [G]: CPU bools; neuron_groups: CPU index
+    tensors). A query head always runs with its key/value head (grouped-query attention): the K/V heads computed are
+    those of the kept query heads, and kv_map points each kept query head at its own (None when it is the identity)."""
+    d = layer.self_attn.head_dim
+    dev = _base_linear(layer.self_attn.q_proj).weight.device
     q_heads = heads_on.nonzero().flatten()
     kv_heads = torch.unique(q_heads // n_rep)
-    kv_map = torch.searchsorted(kv_heads, q_heads // n_rep)
-    neurons = torch.cat([neuron_groups[g] for g in groups_on.nonzero().flatten().tolist()]) if groups_on.any() else None
-    o_w = a.o_proj.weight.view(a.o_proj.weight.shape[0], -1, d)[:, q_heads].reshape(a.o_proj.weight.shape[0], -1)
+    kv_map = None
+    per_kv = torch.bincount(q_heads // n_rep)[kv_heads] if len(q_heads) else None
+    if per_kv is not None and bool((per_kv != per_kv[0]).any()):  # uneven: index; else SDPA's enable_gqa (no copy)
+        kv_map = _to_device(torch.searchsorted(kv_heads, q_heads // n_rep), dev)
+    rows = lambda heads: _to_device((heads[:, None] * d + torch.arange(d)).flatten(), dev)  # noqa: E731
+    groups = groups_on.nonzero().flatten().tolist()
+    neurons = _to_device(torch.cat([neuron_groups[g] for g in groups]), dev) if groups else None
     return _LayerWeights(
-        _rows(a.q_proj.weight, q_heads, d), _rows(a.q_proj.bias, q_heads, d),
-        _rows(a.k_proj.weight, kv_heads, d), _rows(a.k_proj.bias, kv_heads, d),
-        _rows(a.v_proj.weight, kv_heads, d), _rows(a.v_proj.bias, kv_heads, d),
-        o_w.contiguous(), a.o_proj.bias,
-        None if neurons is None else m.gate_proj.weight[neurons], None if neurons is None or m.gate_proj.bias is None else m.gate_proj.bias[neurons],
-        None if neurons is None else m.up_proj.weight[neurons], None if neurons is None or m.up_proj.bias is None else m.up_proj.bias[neurons],
-        None if neurons is None else m.down_proj.weight[:, neurons].contiguous(), m.down_proj.bias,
-        int(q_heads.numel()), int(kv_heads.numel()), kv_map,
+        layer, len(q_heads), len(kv_heads), kv_map,
+        q_rows=rows(q_heads) if len(q_heads) else None, kv_rows=rows(kv_heads) if len(q_heads) else None,
+        neurons=neurons, mlp=bool(groups),
     )  # fmt: skip
 
 
@@ -139,6 +263,11 @@ class _Group:
     weights: _LayerWeights
     k: torch.Tensor | None = None  # [rows, n_kv, capacity, head_dim]
     v: torch.Tensor | None = None
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -166,7 +295,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     config: AdaLlavaConfig
 
     def __init__(self, config: AdaLlavaConfig):
+        check_architecture(config.text_config)
         super().__init__(config)
+        check_layer_modules(self._layers)
         hidden = config.text_config.hidden_size
         self.latency_encoder = LatencyEncoder(hidden, config.latency_embed_dim)
         self.scheduler = Scheduler(hidden, config.num_schedulable_layers, config.num_switches, config.granularity)
@@ -178,6 +309,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # (Plain ints: from_pretrained builds the model on the meta device.)
         base, extra = divmod(text.intermediate_size, config.num_switches)
         self._neuron_group_sizes = [base + 1] * extra + [base] * (config.num_switches - extra)
+        self._neuron_index = {}  # device -> [I] neuron -> its group (mask mode), built once per device
 
     # ---------------------------------------------------------------------------------------------- construction
 
@@ -339,14 +471,14 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _run_layer(self, layer, w: _LayerWeights, h, cos, sin, mask, group=None, slot=0, head_mask=None, mlp_mask=None):
         """One Llama-style decoder layer on h [b, T, D]. head_mask [b, H] / mlp_mask [b, G]: training-style switches
         (mask mode); w: full or sliced weights (skip mode); group: holds this layer's KV cache for these rows."""
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
         d = attn.head_dim
         b, T, _ = h.shape
         if w.n_q:
             x = layer.input_layernorm(h)
-            q = F.linear(x, w.q_w, w.q_b).view(b, T, w.n_q, d).transpose(1, 2)
-            k = F.linear(x, w.k_w, w.k_b).view(b, T, w.n_kv, d).transpose(1, 2)
-            v = F.linear(x, w.v_w, w.v_b).view(b, T, w.n_kv, d).transpose(1, 2)
+            q = _project(attn.q_proj, x, rows=w.q_rows).view(b, T, w.n_q, d).transpose(1, 2)
+            k = _project(attn.k_proj, x, rows=w.kv_rows).view(b, T, w.n_kv, d).transpose(1, 2)
+            v = _project(attn.v_proj, x, rows=w.kv_rows).view(b, T, w.n_kv, d).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if group is not None and group.k is not None:
                 group.k[:, :, slot : slot + T] = k
@@ -354,45 +486,71 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 k, v = group.k[:, :, : slot + T], group.v[:, :, : slot + T]
             if w.kv_map is not None:
                 k, v = k.index_select(1, w.kv_map), v.index_select(1, w.kv_map)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=k.shape[1] != q.shape[1]).transpose(1, 2)  # fmt: skip
             if head_mask is not None:
                 o = o * head_mask[:, None, :, None]
-            o = F.linear(o.reshape(b, T, -1), w.o_w)
-            if w.o_b is not None:  # a bias runs with the attention block: not at all if every head is off
-                o = o + w.o_b * (1.0 if head_mask is None else head_mask.amax(-1)[:, None, None])
+            o = _project(attn.o_proj, o.reshape(b, T, -1), cols=w.q_rows, bias=False)
+            o_b = _base_linear(attn.o_proj).bias
+            if o_b is not None:  # a bias runs with the attention block: not at all if every head is off
+                o = o + o_b * (1.0 if head_mask is None else head_mask.amax(-1)[:, None, None])
             h = h + o
-        if w.g_w is not None:
+        if w.mlp:
             x = layer.post_attention_layernorm(h)
-            a = layer.mlp.act_fn(F.linear(x, w.g_w, w.g_b)) * F.linear(x, w.u_w, w.u_b)
+            a = mlp.act_fn(_project(mlp.gate_proj, x, rows=w.neurons)) * _project(mlp.up_proj, x, rows=w.neurons)
             if mlp_mask is not None:
-                sizes = torch.tensor(self._neuron_group_sizes, device=a.device)
-                a = a * mlp_mask.repeat_interleave(sizes, dim=-1)[:, None, :]
-            o = F.linear(a, w.d_w)
-            if w.d_b is not None:
-                o = o + w.d_b * (1.0 if mlp_mask is None else mlp_mask.amax(-1)[:, None, None])
+                a = a * mlp_mask[:, self._neuron_group_index(a.device)][:, None, :]
+            o = _project(mlp.down_proj, a, cols=w.neurons, bias=False)
+            d_b = _base_linear(mlp.down_proj).bias
+            if d_b is not None:
+                o = o + d_b * (1.0 if mlp_mask is None else mlp_mask.amax(-1)[:, None, None])
             h = h + o
         return h
 
+    def _neuron_group_index(self, device) -> torch.Tensor:
+        """[I]: the neuron group of each MLP neuron, on `device` (built once: no host sync per layer)."""
+        key = str(device)
+        if key not in self._neuron_index:
+            sizes = torch.tensor(self._neuron_group_sizes)
+            self._neuron_index[key] = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(device)
+        return self._neuron_index[key]
+
+    def bind_layer_forwards(self) -> None:
+        """Give each decoder layer a method LAYER_METHOD that runs it as the decoder loop does, so that a per-layer
+        sharding wrapper can gather its parameters around that call (FSDP2: register_fsdp_forward_method)."""
+        for layer in self._layers:
+            object.__setattr__(layer, LAYER_METHOD, functools.partial(self._run_layer, layer))
+
+    def _layer_fn(self, layer):
+        fn = getattr(layer, LAYER_METHOD, None)
+        return fn if fn is not None else functools.partial(self._run_layer, layer)
+
+    def full_layer_weights(self, layer) -> _LayerWeights:
+        """How a layer runs with every head and neuron (for cost profiling: adallava.cost.profile_latency)."""
+        return _full_weights(layer, self._n_rep)
+
     def _groups_for_layer(self, layer, plan_layer, with_cache, capacity, batch):
         """Split the rows of a batch by how they run one layer: skipped rows are left out, rows with every switch on
-        run the full layer, rows with the same partial pattern share sliced weights."""
-        on = plan_layer > 0.5  # [B, 2, H]
-        full = on.all(-1).all(-1)
-        partial = on.any(-1).any(-1) & ~full
+        run the full layer, rows with the same partial pattern share one set of kept-head / neuron indices.
+        plan_layer [B, 2, H]: best on the CPU (decode passes the plan's CPU copy, so grouping costs no host sync)."""
+        on = (plan_layer > 0.5).cpu()  # [B, 2, H]
+        dev = self.device
+        full = on.flatten(1).all(1)
+        partial = on.flatten(1).any(1) & ~full
         groups = []
-        if full.all():
+        if bool(full.all()):
             groups.append(_Group(None, _full_weights(layer, self._n_rep)))
-        elif full.any():
-            groups.append(_Group(full.nonzero().flatten(), _full_weights(layer, self._n_rep)))
-        if partial.any():
+        elif bool(full.any()):
+            groups.append(_Group(_to_device(full.nonzero().flatten(), dev), _full_weights(layer, self._n_rep)))
+        if bool(partial.any()):
             rows = partial.nonzero().flatten()
             patterns, inverse = torch.unique(on[rows].flatten(1), dim=0, return_inverse=True)
-            bounds = [0, *torch.tensor(self._neuron_group_sizes).cumsum(0).tolist()]
-            neuron_groups = [torch.arange(a, b, device=plan_layer.device) for a, b in zip(bounds, bounds[1:])]
+            bounds = [0, *itertools.accumulate(self._neuron_group_sizes)]
+            neuron_groups = [torch.arange(a, b) for a, b in zip(bounds, bounds[1:])]
             for j, pattern in enumerate(patterns):
                 pattern = pattern.view(2, -1)
                 w = _sliced_weights(layer, pattern[0], pattern[1], self._n_rep, neuron_groups)
-                groups.append(_Group(rows[inverse == j], w))
+                groups.append(_Group(_to_device(rows[inverse == j], dev), w))
         if with_cache:
             a = layer.self_attn
             for g in groups:
@@ -424,7 +582,11 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cos, sin = lm.rotary_emb(h, position_ids)
         if plan is None and state is not None:
             plan = state.plan
+        if past == 0:  # a prefill or a training forward: refuse what the loop would silently bypass
+            check_layer_modules(self._layers)
         stochastic = self.training
+        plan_cpu = None  # the plan's CPU copy for row grouping in skip mode: one host sync per request, not per layer
+        full_on = torch.ones(B, 2, cfg.num_switches)
         prefill_fastv = cfg.token_selection == "fastv" and image_mask is not None and bool(image_mask.any())
         post_segment = state is not None and state.key_valid_post is not None
         h_prev = None
@@ -471,25 +633,26 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 group = None
                 if state is not None:
                     if i not in state.groups:
-                        state.groups[i] = self._groups_for_layer(
-                            layer, torch.ones(B, 2, cfg.num_switches, device=h.device), True, state.capacity, B
-                        )
+                        state.groups[i] = self._groups_for_layer(layer, full_on, True, state.capacity, B)
                     group = state.groups[i][0]
                 args = (w, h, cos, sin, mask, group, past, None if p is None else p[:, 0], None if p is None else p[:, 1])
+                run = self._layer_fn(layer)
                 if self.training and getattr(layer, "gradient_checkpointing", False):
-                    h = checkpoint(self._run_layer, layer, *args, use_reentrant=False)
+                    h = checkpoint(run, *args, use_reentrant=False)
                 else:
-                    h = self._run_layer(layer, *args)
+                    h = run(*args)
                 continue
             # skip mode, schedulable layer
+            if plan_cpu is None and not (state is not None and i in state.groups):
+                plan_cpu = plan.detach().cpu()
             if state is not None:
                 if i not in state.groups:
                     state.groups[i] = self._groups_for_layer(
-                        layer, plan[:, i - cfg.num_prefix_layers], True, state.capacity, B
+                        layer, plan_cpu[:, i - cfg.num_prefix_layers], True, state.capacity, B
                     )
                 groups = state.groups[i]
             else:
-                groups = self._groups_for_layer(layer, plan[:, i - cfg.num_prefix_layers], False, 0, B)
+                groups = self._groups_for_layer(layer, plan_cpu[:, i - cfg.num_prefix_layers], False, 0, B)
             for g in groups:
                 if g.rows is None:
                     h = self._run_layer(layer, g.weights, h, cos, sin, mask, g, past)
@@ -512,8 +675,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         B, T, _ = h_in.shape
         rows = torch.arange(B, device=h_in.device)
         x = layer.input_layernorm(h_in)
-        q = F.linear(x[rows, latency_pos], a.q_proj.weight, a.q_proj.bias).view(B, -1, 1, d)
-        k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, d).transpose(1, 2)
+        q = _project(a.q_proj, x[rows, latency_pos]).view(B, -1, 1, d)
+        k = _project(a.k_proj, x).view(B, T, -1, d).transpose(1, 2)
         cq, sq = cos[rows, latency_pos][:, None, None], sin[rows, latency_pos][:, None, None]
         q = q * cq + rotate_half(q) * sq
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
@@ -592,6 +755,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
         eos_ids = torch.tensor([] if eos is None else (eos if isinstance(eos, list) else [eos]), device=self.device)
         pad = pad_token_id if pad_token_id is not None else (gen.pad_token_id if gen.pad_token_id is not None else 0)
+        _sync(self.device)
         t0 = time.perf_counter()
         embeds, attention_mask, _, image_mask = self.prepare_inputs(
             input_ids, pixel_values, attention_mask, None, inputs_embeds, image_sizes
@@ -619,6 +783,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden, plan = self.decode(h, key_valid, position_ids, budget, lat_pos, state=state, plan=execution_plan,
                                    image_mask=image_mask, selection=selection)  # fmt: skip
         logits = self.lm_head(hidden[:, -1])
+        _sync(self.device)  # CUDA runs asynchronously: the timer must wait for the prefill's kernels
         t_prefill = time.perf_counter() - t0
 
         new_tokens, next_pos = [], position_ids[:, -1] + 1
@@ -650,6 +815,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             next_pos = next_pos + 1
         if streamer is not None:
             streamer.end()
+        _sync(self.device)
         t_total = time.perf_counter() - t0
         generated = torch.stack(new_tokens, 1) if new_tokens else torch.zeros(B, 0, dtype=torch.long, device=h.device)
         prompt_ids = input_ids if input_ids is not None else torch.zeros(B, 0, dtype=torch.long, device=h.device)

@@ -1,7 +1,7 @@
 """The training objective, with knobs for how accuracy is shared across budgets. Defaults reproduce the paper (spec
 2.6): the plain next-token loss, budgets uniform over the model's steps, no extra terms.
 
-    loss = mean_b[ w(b) * CE(sampled plan at b) ]                       w(b) = b ** gamma (gamma = 0: the paper)
+    loss = mean_tok[ w(b) * CE(sampled plan at b) ]                     w(b) = b ** gamma (gamma = 0: the paper)
          + distill * KL( full-budget model || sampled plan )            the "sandwich" rule of slimmable networks
          + latency * mean_b[ relu(expected cost of the plan - b) ]      only bites when unit costs are not uniform
 
@@ -98,8 +98,8 @@ def adaptive_loss(model, batch: dict, weights: LossWeights, generator=None):
     out = model(**batch, budget=b, generator=generator)
     ce, n_tok = per_sample_ce(out.logits, out.labels)
     w = b.to(ce.device, ce.dtype) ** weights.gamma
-    has = (n_tok > 0).to(ce.dtype)
-    lm = (w * ce * has).sum() / has.sum().clamp(min=1)
+    n = n_tok.to(ce.dtype)
+    lm = (w * ce * n).sum() / n.sum().clamp(min=1)  # a mean over labelled tokens (as forward's loss), each weighted
     loss = lm
     parts = {"lm": float(lm.detach()), "mean_budget": float(b.mean())}
     if weights.distill > 0:

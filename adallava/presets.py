@@ -154,4 +154,8 @@ def load(name_or_path: str | os.PathLike, **kwargs):
         model = AdaLlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     else:
         model = AdaLlavaForConditionalGeneration.from_llava(path, **kwargs)
+    from .lora import CONFIG_FILE, load_lora
+
+    if (path / CONFIG_FILE).is_file():  # LoRA adapters saved beside the weights (adallava.lora.save_lora)
+        load_lora(model, path)
     return model.eval(), processor

@@ -1,5 +1,5 @@
 """Visual-token selection that composes with execution plans (spec 5): FastV inside the language model, PruMerge and
-PruMerge+ before the projector. Batched and vectorised: no per-token Python loops, any mix of budgets in a batch.
+PruMerge+ before the projector (exactly LLaVA-PruMerge's algorithm, per image, with the per-token loop vectorised).
 
 Both shorten the sequence the decoder layers see; rows of a batch keep different tokens, so the shortened rows are
 packed to the right (dropped tokens become left padding) and keep their original position ids.
@@ -33,63 +33,79 @@ def fastv_keep(scores, image_mask, key_valid, ratio: float):
 
 @torch.no_grad()
 def cls_attention_and_keys(vision_tower, pixel_values, feature_layer: int):
-    """From a CLIP-style vision tower: the hidden states, the CLS token's attention over the patches (mean over heads)
-    in the layer that produces the selected features, and that layer's keys of the patches.
-    -> (hidden_states tuple, attention [N_img, P], keys [N_img, P, D])."""
+    """As LLaVA-PruMerge reads them (hooks on CLIP-L's encoder.layers[23] q_proj/k_proj for features from layer -2):
+    the q and k projections of the encoder layer that *consumes* the selected features, over their full width (one
+    head), CLS attention = softmax(q_cls . k / sqrt(width)) over all tokens, then the patches' part.
+    -> (hidden_states tuple, attention [N_img, P], keys [N_img, P, width])."""
     out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     hs = out.hidden_states
-    j = feature_layer % len(hs)  # hidden_states[j] is the output of encoder layer j-1
+    j = feature_layer % len(hs)  # hidden_states[j] is the output of encoder layer j-1 and the input of layer j
     encoder = vision_tower.vision_model.encoder if hasattr(vision_tower, "vision_model") else vision_tower.encoder
-    layer = encoder.layers[j - 1]
-    x = layer.layer_norm1(hs[j - 1])
-    attn = layer.self_attn
-    B, n, _ = x.shape
-    heads, d = attn.num_heads, attn.head_dim
-    q = attn.q_proj(x).view(B, n, heads, d).transpose(1, 2)
-    k = attn.k_proj(x).view(B, n, heads, d).transpose(1, 2)
-    a = (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) * attn.head_dim**-0.5  # CLS query [B, H, n]
-    a = a.softmax(-1).mean(1)[:, 1:]
-    keys = k.transpose(1, 2).reshape(B, n, heads * d)[:, 1:]
-    return hs, a, keys
+    if j >= len(encoder.layers):
+        raise ValueError(f"PruMerge reads the attention of the encoder layer after the selected features; "
+                         f"vision_feature_layer={feature_layer} is the last layer's output (use -2, as LLaVA)")  # fmt: skip
+    layer = encoder.layers[j]
+    x = layer.layer_norm1(hs[j])
+    q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
+    width = hs[j].shape[-1]
+    attn = ((q[:, :1] @ k.transpose(-1, -2)) * width**-0.5).softmax(-1)  # [N, 1, n]
+    return hs, attn[:, 0, 1:], k[:, 1:]
+
+
+def _outlier_ratio(attention: torch.Tensor) -> float:
+    """LLaVA-PruMerge's outlier_dectection: fraction of values above Q3 + 1.5 IQR (numpy percentiles, float32)."""
+    import numpy as np
+
+    a = attention.to(torch.float32).cpu().numpy().flatten()
+    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    return len(np.where(a > q3 + 1.5 * (q3 - q1))[0]) / len(a)
 
 
 def prumerge(features, cls_attention, keys, plus: bool = False, neighbours: int = 32):
-    """PruMerge (LLaVA-PruMerge): keep the patches whose CLS attention is an IQR outlier (> Q3 + 1.5 IQR); merge into
-    each the pruned patches most similar to it by key (cosine), weighted by CLS attention; add one token that is the
-    attention-weighted mean of all pruned patches. PruMerge+ also keeps spatially uniform patches (about three per
-    outlier), as in the paper.
+    """PruMerge / PruMerge+ exactly as LLaVA-PruMerge's token_prune_merge_advanced(_plus) (inference, adaptive), per
+    image:
+      * keep the top int(P * r) patches by CLS attention, r = the IQR-outlier fraction (attention-descending order);
+      * PruMerge+: append the spatial samples arange(0, P-1, int(int(1/r)/3)) not already kept;
+      * each kept patch i becomes x_i + sum_j a_j x_j over its `neighbours` most key-similar (cosine) other patches,
+        kept or not (no normalisation);
+      * one extra token = sum over the patches not kept of a_j x_j.
+    Where the reference fails (r = 0 in PruMerge+: 1/0; a stride of 0: arange step 0) this uses stride max(., 1) and
+    P/3; when every patch is kept the (zero) extra token is left out, so that at most P tokens come back.
 
-    features [N, P, D], cls_attention [N, P], keys [N, P, Dk] -> (tokens [N, P, D], valid [N, P]): each image's
-    selected tokens first (spatial order), then the merged extra token, then padding.
+    features [N, P, D], cls_attention [N, P], keys [N, P, Dk] -> (tokens [N, P, D], valid [N, P]): each image's tokens
+    first, in the reference's order, then padding.
     """
     N, P, D = features.shape
-    a = cls_attention.float()
-    q1, q3 = torch.quantile(a, 0.25, dim=1), torch.quantile(a, 0.75, dim=1)
-    keep = a > (q3 + 1.5 * (q3 - q1))[:, None]
-    keep[torch.arange(N), a.argmax(1)] = True  # never nothing
-    if plus:
-        stride = torch.clamp(P // (3 * keep.sum(1)), min=1)
-        keep |= (torch.arange(P, device=a.device)[None] % stride[:, None]) == 0
-    pruned = ~keep
-    kn = F.normalize(keys.float(), dim=-1)
-    sim = (kn @ kn.transpose(1, 2)).masked_fill(~pruned[:, None, :], float("-inf"))  # kept rows x pruned columns
-    m = min(neighbours, P)
-    top, idx = sim.topk(m, dim=-1)  # [N, P, m]
-    w = torch.where(torch.isfinite(top), a.gather(1, idx.flatten(1)).view(N, P, m), torch.zeros_like(top))
-    f = features.float()
-    gathered = f.gather(1, idx.flatten(1)[..., None].expand(-1, -1, D)).view(N, P, m, D)
-    merged = (a[..., None] * f + (w[..., None] * gathered).sum(2)) / (a + w.sum(-1))[..., None]
-    pa = a * pruned
-    extra = (pa[..., None] * f).sum(1) / pa.sum(1, keepdim=True).clamp(min=1e-12)  # [N, D]
-    has_extra = pruned.any(1)
-    # order: kept (spatial order) | extra | padding
-    rank = torch.where(keep, torch.cumsum(keep.long(), 1) - 1, torch.full_like(a, P, dtype=torch.long))
-    n_keep = keep.sum(1)
-    out = torch.zeros(N, P + 1, D, dtype=torch.float32, device=features.device)
-    out.scatter_(1, rank[..., None].expand(-1, -1, D), torch.where(keep[..., None], merged, torch.zeros_like(merged)))
-    out[torch.arange(N), n_keep] = torch.where(has_extra[:, None], extra, out[torch.arange(N), n_keep])
-    valid = torch.arange(P + 1, device=a.device)[None] < (n_keep + has_extra.long())[:, None]
-    return out[:, :P].to(features.dtype), valid[:, :P]
+    out = torch.zeros_like(features)
+    valid = torch.zeros(N, P, dtype=torch.bool, device=features.device)
+    for n in range(N):
+        a, x, k = cls_attention[n], features[n], keys[n]
+        ratio = _outlier_ratio(a)
+        idx = torch.topk(a, int(P * ratio), largest=True).indices
+        if plus:
+            stride = max(int(int(1 / ratio) / 3), 1) if ratio > 0 else max(P // 3, 1)
+            seq = torch.arange(0, P - 1, stride, device=a.device)
+            idx = torch.cat([idx, seq[~torch.isin(seq, idx)]])
+        kept = torch.zeros(P, dtype=torch.bool, device=a.device)
+        kept[idx] = True
+        compl = (~kept).nonzero().flatten()  # ascending, as complement_idx
+        order = torch.cat([idx, compl])  # candidates: the other kept patches (in order), then the rest
+        kn = F.normalize(k[order], p=2, dim=-1)
+        m = len(idx)
+        merged = x[idx].clone()
+        if m and P > 1:
+            sim = kn[:m] @ kn.T  # [m, P]
+            sim[torch.arange(m), torch.arange(m)] = float("-inf")  # a patch is not its own neighbour
+            top = sim.topk(min(neighbours, P - 1), dim=-1).indices  # [m, K]
+            cand = order[top]
+            merged = (x[cand] * a[cand][..., None]).sum(1) + x[idx]
+        tokens = [merged]
+        if m < P:
+            tokens.append((x[compl] * a[compl][:, None]).sum(0, keepdim=True))
+        t = torch.cat(tokens)
+        out[n, : len(t)] = t
+        valid[n, : len(t)] = True
+    return out, valid
 
 
 def keep_ratio(valid: torch.Tensor) -> float:

@@ -47,6 +47,10 @@ class TrainConfig:
     # adallava.objective.LossWeights fields for stage adapt (gamma, distill, latency, budget_dist, ...); empty = the
     # paper's plain next-token loss with budgets uniform over the model's steps
     loss_weights: dict = field(default_factory=dict)
+    # peft LoRA on the language model for stage adapt (adallava.lora.add_lora keys: r, alpha, dropout,
+    # target_modules); empty = full fine-tuning. The base LM is frozen, the adapters, projector, latency encoder and
+    # scheduler train; checkpoints hold the base weights plus adapter_config.json / adapter_model.safetensors.
+    lora: dict = field(default_factory=dict)
     # Gumbel-softmax temperature of the scheduler's plan sampling (AdaLlavaConfig.gumbel_tau, the paper's 5); None keeps
     # the checkpoint's value. A training knob the tuning sweeps search over.
     gumbel_tau: float | None = None

@@ -104,6 +104,12 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
 def validate(cfg: TrainConfig) -> None:
     """Errors that are cheaper to raise before any worker starts."""
     grad_accumulation(cfg, cfg.num_workers)
+    if cfg.lora:
+        known = {"r", "alpha", "dropout", "target_modules"}
+        if set(cfg.lora) - known:
+            raise ValueError(f"lora: unknown key(s) {sorted(set(cfg.lora) - known)}; known: {sorted(known)}")
+        if cfg.stage != "adapt":
+            raise ValueError("lora adapts a trained base's language model: stage adapt only")
     if cfg.stage == "adapt" and not cfg.init_from:
         raise ValueError("stage adapt fine-tunes a base model: set init_from=<base checkpoint dir>")
     if cfg.init_from and not (project_path(cfg.init_from) / "config.json").is_file():
@@ -145,6 +151,11 @@ def save_checkpoint(directory: Path, model, processor, optimizer_state, schedule
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    from adallava import lora
+
+    if lora.has_lora(model):  # base weights under their own names + the adapters beside them (presets.load joins them)
+        lora.save_lora(model, staging, model_state)
+        model_state = lora.base_state_dict(model, model_state)
     model.save_pretrained(staging, state_dict=model_state)
     processor.save_pretrained(staging)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
@@ -270,6 +281,31 @@ class _ConfiguredModel:
         return self.wrapped(*args, **kwargs)
 
 
+def shard_per_layer(model, device):
+    """FSDP2 over the initialised process group: each decoder layer is its own unit (its parameters, gradients and
+    optimizer state sharded, gathered only around that layer's call), then the rest of the model as the root unit.
+    The decoder loop runs a layer through its LAYER_METHOD, which FSDP wraps like a forward."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from adallava.modeling import LAYER_METHOD
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    model.bind_layer_forwards()
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+        register_fsdp_forward_method(layer, LAYER_METHOD)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _has_lora(model) -> bool:
+    from adallava.lora import has_lora
+
+    return has_lora(model)
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import mlflow
@@ -299,20 +335,21 @@ def train_loop(config: dict) -> None:
     model, processor = _build_model(cfg, resume_dir)
     if cfg.freeze_vision_tower:  # spec 4: CLIP frozen; projector, LM, latency encoder and scheduler train
         model.model.vision_tower.requires_grad_(False)
+    if cfg.lora and not _has_lora(model):  # a resumed checkpoint brings its adapters back (presets.load)
+        from adallava.lora import add_lora
+
+        add_lora(model, **cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     unwrapped = model
     if cfg.strategy == "fsdp":
-        # One FSDP unit over the whole model: our decoder loop reads each layer's weights directly (it does not call
-        # the layer's forward), so per-layer units would be seen sharded. use_orig_params keeps those names valid.
-        strategy_kwargs = {"use_orig_params": True}
+        model = shard_per_layer(model.to(device), device)
     else:
         # Some parameters get no gradient in some steps (the scheduler when every budget in a batch is 0.5, the
         # projector in a text-only batch): DDP must not wait for them.
-        strategy_kwargs = {"find_unused_parameters": True}
-    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy,
-                                          parallel_strategy_kwargs=strategy_kwargs)  # fmt: skip
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp",
+                                              parallel_strategy_kwargs={"find_unused_parameters": True})  # fmt: skip
     torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])  # budgets and Gumbel noise differ per worker
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -410,7 +447,7 @@ def train_loop(config: dict) -> None:
         metrics = {"loss": float(totals[0]) / world, "lr": scheduler.get_last_lr()[0], "step": step,
                    "resumed_from_step": resumed_from}  # fmt: skip
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         val_step = cfg.val_every > 0 and (step % cfg.val_every == 0 or step == steps)
         if val_step and val_batch is not None:  # rank 0; the others wait at the report() below
             metrics.update(validation_loss(unwrapped, val_batch, val_budgets, autocast))

@@ -86,7 +86,7 @@ def test_budget_accepts_scalar_list_and_tensor():
 
 
 def test_config_defaults_and_errors():
-    assert [default_group_size(h) for h in (32, 4, 9, 14, 40)] == [8, 1, 3, 7, 10]
+    assert [default_group_size(h) for h in (32, 4, 9, 14, 40)] == [8, 1, 3, 7, 8]  # 40: the official rank 8
     cfg = vicuna7b_config("layer")
     assert cfg.gumbel_tau == 5.0 and cfg.latency_embed_dim == 256
     text = LlamaConfig(num_hidden_layers=40, num_attention_heads=40, hidden_size=5120)

@@ -83,10 +83,11 @@ def test_prumerge_keeps_outliers_merges_neighbours_and_adds_one_token():
     assert valid.sum() == 3  # 2 outliers + the merged-remainder token
     pruned = [j for j in range(P) if j not in (3, 9)]
     w = attn[0, pruned]
-    torch.testing.assert_close(out[0, 2], (w[:, None] * feats[0, pruned]).sum(0) / w.sum())
-    # with every neighbour merged, a kept token is the attention-weighted mean of itself and all pruned patches
-    idx = [3] + pruned
-    torch.testing.assert_close(out[0, 0], (attn[0, idx, None] * feats[0, idx]).sum(0) / attn[0, idx].sum())
+    torch.testing.assert_close(out[0, 2], (w[:, None] * feats[0, pruned]).sum(0))  # LLaVA-PruMerge: a sum
+    # with every neighbour merged, a kept token is itself plus the attention-weighted sum of all the other patches
+    # (kept ones too); kept tokens come in attention order (3 before 9)
+    others = [j for j in range(P) if j != 3]
+    torch.testing.assert_close(out[0, 0], feats[0, 3] + (attn[0, others, None] * feats[0, others]).sum(0))
     _, valid_plus = tokens.prumerge(feats, attn, keys, plus=True)
     assert valid_plus.sum() > valid.sum()  # PruMerge+ adds spatially uniform patches
 
