@@ -72,12 +72,13 @@ class Finished:
     finished_step: int
     prefill_s: float
     logits: list[torch.Tensor] | None = None
+    error: str | None = None  # finish_reason "error": why its prefill failed (the others ran on)
 
 
 @dataclass
 class TokenEvent:
     request_id: str
-    token: int
+    token: int | None  # None: the request ended without a new token (a failed prefill)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finished: Finished | None = None
@@ -205,7 +206,13 @@ class Engine:
         """One decode step for every running request, then prefill waiting requests while there is room."""
         events = self._decode() if self.running else []
         while self.waiting and len(self.running) < self.max_batch_size:
-            events.append(self._join(self.waiting.popleft()))
+            req = self.waiting.popleft()
+            try:
+                events.append(self._join(req))
+            except Exception as e:  # noqa: BLE001 - one request's bad input must not fail the batch beside it
+                fin = Finished(req.request_id, [], "error", None, None, None, None, None, 0, self.steps, self.steps,
+                               0.0, error=f"{type(e).__name__}: {e}")  # fmt: skip
+                events.append(TokenEvent(req.request_id, None, finished=fin))
         self.steps += 1
         return events
 
