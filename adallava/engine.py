@@ -277,22 +277,28 @@ class Engine:
         masks = model._attention_masks(key_valid, slots[:, None], n_keys)
         cos, sin = lm.rotary_emb(h, positions)
         where = {id(r): j for j, r in enumerate(rows)}
-        everyone = list(range(B))
+        everyone = tuple(range(B))
+        inputs: dict = {}  # (member rows, window) -> the rows' (index, cos, sin, mask, slots): most layers share them
         for i, layer in enumerate(model._layers):
-            mask = masks[model._layer_window(i)]
+            window = model._layer_window(i)
             for pool in self.pools.get(i, {}).values():
-                idx_list = [where[id(r)] for r in pool.members]
-                n = len(idx_list)
-                nk = max(slot_list[j] for j in idx_list) + 1  # the longest member's keys bound this pool's attention
+                members = tuple(where[id(r)] for r in pool.members)
+                if (members, window) not in inputs:
+                    nk = max(slot_list[j] for j in members) + 1  # the longest member's keys bound its attention
+                    mask = masks[window][..., :nk]
+                    if members == everyone:
+                        inputs[members, window] = (None, cos, sin, mask, slots)
+                    else:
+                        idx = torch.tensor(members, device=dev)
+                        inputs[members, window] = (idx, cos[idx], sin[idx], mask[idx], slots[idx])
+                idx, c, s, mask, sl = inputs[members, window]
+                n = len(members)
                 group = _Group(None, pool.weights, None if pool.k is None else pool.k[:n],
                                None if pool.v is None else pool.v[:n])  # fmt: skip
-                if idx_list == everyone:
-                    h = model._run_layer(layer, pool.weights, h, cos, sin, mask[..., :nk], group, slots)
+                if idx is None:
+                    h = model._run_layer(layer, pool.weights, h, c, s, mask, group, sl)
                 else:
-                    idx = torch.tensor(idx_list, device=dev)
-                    out = model._run_layer(layer, pool.weights, h[idx], cos[idx], sin[idx], mask[idx][..., :nk],
-                                           group, slots[idx])  # fmt: skip
-                    h = h.index_copy(0, idx, out)
+                    h = h.index_copy(0, idx, model._run_layer(layer, pool.weights, h[idx], c, s, mask, group, sl))
         logits = model.lm_head(lm.norm(h)[:, -1])
         events = []
         for j, r in enumerate(list(rows)):
