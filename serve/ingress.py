@@ -3,8 +3,8 @@
 `OpenAIServer` holds the request handling (API key, body read with its size limit, JSON, validation, images decoded in
 threads, the call to the model and the response or the server-sent events) against a `backend` with four coroutines
 (info, generate, stream, ping), so it runs without Ray in unit tests; `create_app(server)` builds the FastAPI app
-(routes, CORS, error bodies); the `Ingress` deployment builds one per replica at start (`__serve_build_asgi_app__`),
-keeps it as `self.app` so more routes can be mounted on it, and talks to the model through its DeploymentHandle.
+(routes, CORS, error bodies); the `Ingress` deployment builds one per replica at start (`__serve_build_asgi_app__`, where
+more routes can be mounted; Serve keeps it as `self.app`), and talks to the model through its DeploymentHandle.
 Admission at the edge (issue 11) belongs in `OpenAIServer.chat_completions`, before `validate_request` decodes images.
 """
 
@@ -230,11 +230,11 @@ def create_app(server: OpenAIServer) -> FastAPI:
 class Ingress:
     def __init__(self, model, cfg: ServeConfig):
         self.server = OpenAIServer(HandleBackend(model), cfg)
-        self.app: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        self.app = create_app(self.server)
-        return self.app
+        """Called by Serve once per replica after __init__; the app is then Serve's `self.app` (read-only property)
+        and `self.server`'s routes; mount more routes on it here, before returning it."""
+        return create_app(self.server)
 
 
 __all__ = ["OpenAIServer", "HandleBackend", "create_app", "Ingress", "SafeJSONResponse"]

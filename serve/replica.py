@@ -441,7 +441,11 @@ class AdaLlavaModel:
         live.batch_size = self.engine.num_running + 1
         live.t_join = time.time()
         self.m_queue.observe((live.t_join - job.t_ingress) * 1000)
-        self.engine.add(live.request)
+        try:
+            self.engine.add(live.request)
+        except ValueError as e:  # refused by the engine: this request alone fails
+            live.put(self._error(bad_request(f"the request could not be run: {e}", code="invalid_request")))
+            return
         self.live[job.request_id] = live
 
     def _fail_running(self, e: Exception):

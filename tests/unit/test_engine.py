@@ -169,3 +169,18 @@ def test_refused_by_name():
     engine.add(make_request(processor, 0, 1.0, 3))
     with pytest.raises(ValueError, match="already"):
         engine.add(make_request(processor, 0, 1.0, 3))
+
+
+def test_per_row_query_slots_give_the_row_by_row_masks():
+    """modeling._attention_masks with one query slot per row (the engine's decode step) == each row on its own,
+    sliding window included (Mistral)."""
+    model, _ = build_tiny("layer", "mistral", sliding_window=5)
+    g = torch.Generator().manual_seed(0)
+    key_valid = torch.rand(3, 12, generator=g) > 0.3
+    slots = torch.tensor([4, 11, 7])
+    batched = model._attention_masks(key_valid, slots[:, None], 12)
+    assert set(batched) == {None, 5}
+    for j in range(3):
+        alone = model._attention_masks(key_valid[j : j + 1], slots[j : j + 1], 12)
+        for window, mask in alone.items():
+            assert torch.equal(batched[window][j : j + 1], mask)
