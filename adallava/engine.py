@@ -196,7 +196,7 @@ class Engine:
                 return Finished(request_id, [], reason, None, None, None, None, None, 0, None, self.steps, 0.0)
         for row in self.running:
             if row.req.request_id == request_id:
-                return self._finish(row, reason)
+                return self._finish(row, reason, step=self.steps - 1)  # its last token came from the last step
         return None
 
     # ------------------------------------------------------------------------------------------------ step
@@ -328,7 +328,7 @@ class Engine:
             event.finished = self._finish(row, "length")
         return event
 
-    def _finish(self, row: _Row, reason: str) -> Finished:
+    def _finish(self, row: _Row, reason: str, step: int | None = None) -> Finished:
         for i, key in row.pools:
             pool = self.pools[i][key]
             pool.remove(row)
@@ -346,7 +346,8 @@ class Engine:
         return Finished(
             row.req.request_id, list(row.tokens), reason, float(row.budget[0]),
             [round(float(x), 6) for x in model.execution_plan_fractions(row.plan)[0]], row.plan[0],
-            float(breakdown[0]["total"]), breakdown[0], row.prompt_tokens, row.joined_step, self.steps,
+            float(breakdown[0]["total"]), breakdown[0], row.prompt_tokens, row.joined_step,
+            self.steps if step is None else step,
             row.prefill_s, row.logits,
         )  # fmt: skip
 

@@ -138,6 +138,7 @@ def test_cancel_frees_the_row_and_the_others_are_unchanged(tiny):
         if step == 1:
             fin = engine.cancel("r1", "stop")
             assert fin.finish_reason == "stop" and fin.token_ids == tokens["r1"] and len(fin.token_ids) == 2
+            assert (fin.joined_step, fin.finished_step) == (0, 1)
     assert not engine.has_work and not engine.pools
     _, ref = alone(model, processor, 0, 1.0, 6)
     assert tokens["r0"] == ref.token_ids
