@@ -33,7 +33,7 @@ import ray
 from ray import serve
 
 from serve.config import ServeConfig
-from serve.policy import BudgetController, LatencyProfile, apply_caps, budget_for_latency
+from serve.policy import BudgetController, LatencyProfile, apply_caps, batch_ms, budget_for_latency, update_slowdown
 from serve.protocol import APIError, StopText, bad_request, error_body
 
 logger = logging.getLogger("ray.serve")
@@ -132,13 +132,14 @@ class AdaLlavaModel:
         self.reporter: asyncio.Task | None = None
         self.failed_reason: str | None = None
         self.consecutive_failures = 0
+        self._acc = (0.0, 0.0, 0)  # measured ms, predicted ms, steps since the last slowdown sample
         edges = sorted({round((a + b) / 2, 6) for a, b in zip(self.grid, self.grid[1:])}) or [1.0]
         ms = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
         self.m_budget = Histogram("adallava_budget", description="budget chosen per request", boundaries=edges)
         self.m_load = Gauge("adallava_load_per_replica", description="smoothed ongoing requests per replica "
                             "(cluster-wide, running + waiting)")  # fmt: skip
-        self.m_slowdown = Gauge("adallava_slowdown_factor", description="this replica's measured/profiled request "
-                                "time (median over recent requests); multiplies every latency prediction")  # fmt: skip
+        self.m_slowdown = Gauge("adallava_slowdown_factor", description="this replica's measured/profiled engine "
+                                "step time (median over recent windows of steps); multiplies every latency prediction")  # fmt: skip
         self.m_latency = Histogram("adallava_latency_ms", description="request latency in the replica by budget",
                                    boundaries=ms, tag_keys=("budget",))  # fmt: skip
         self.m_reject = Counter("adallava_rejections", description="requests refused with 429",
@@ -362,10 +363,6 @@ class AdaLlavaModel:
         if t_first is not None and n_tokens > 1:
             self.m_tpot.observe((t_last - t_first) * 1000 / (n_tokens - 1))
         steps = fin.finished_step - fin.joined_step + 1
-        in_engine_ms = (now - live.t_join) * 1000
-        # the profile's prediction for a request of this budget and length in a batch of this size vs what it took
-        self.m_slowdown.set(self.controller.observe_batch(in_engine_ms, [([live.budget] * max(live.batch_size, 1),
-                                                                          steps)]))  # fmt: skip
         return {
             "type": "done", "text": text, "finish_reason": reason,
             "prompt_tokens": job.prompt_tokens, "completion_tokens": n_tokens,
@@ -408,6 +405,9 @@ class AdaLlavaModel:
             self.wakeup.wait(timeout=0.5)
             self.wakeup.clear()
             return
+        joining = [r.budget for r in engine.waiting]
+        decoding = [row.req.budget for row in engine.running]
+        t = time.perf_counter()
         try:
             events = engine.step()
             self.consecutive_failures = 0
@@ -418,6 +418,7 @@ class AdaLlavaModel:
             logger.exception("engine step failed; its running requests get an error")
             self._fail_running(e)
             return
+        self._observe_step((time.perf_counter() - t) * 1000, joining, decoding, flush=not engine.has_work)
         self.m_running.set(engine.num_running)
         for ev in events:
             live = self.live.get(ev.request_id)
@@ -426,6 +427,25 @@ class AdaLlavaModel:
             if ev.finished is not None:
                 self.live.pop(ev.request_id, None)
             live.put({"type": "event", "event": ev})
+
+    def _observe_step(self, ms: float, joining: list[float], decoding: list[float], flush: bool):
+        """The slowdown correction from engine steps: measured step time against the profile's prediction for the
+        same work (one prefill of a batch of one per joining request, one decode token for the running batch at its
+        largest budget), summed over `slowdown_steps` steps (or until the engine idles) before one ratio enters the
+        controller's window. Per request instead, other requests' prefills inside its lifetime would read as slowdown
+        and feed back on admission."""
+        p = self.profile
+        pred = sum(batch_ms(p, b, 1, 1) for b in joining)
+        if decoding:
+            b, n = max(decoding), len(decoding)
+            pred += batch_ms(p, b, n, 2) - batch_ms(p, b, n, 1)
+        self._acc = (self._acc[0] + ms, self._acc[1] + pred, self._acc[2] + 1)
+        if self._acc[2] >= 16 or flush:
+            c = self.controller
+            c.slowdown = update_slowdown(c.ratios, self._acc[0], self._acc[1], c.cfg)
+            c.batches_seen += 1
+            self.m_slowdown.set(c.slowdown)
+            self._acc = (0.0, 0.0, 0)
 
     def _join(self, live: _Live):
         """Decide the request's budget now (the load when it joins), then hand it to the engine."""
