@@ -154,20 +154,28 @@ class AdaLlavaModel:
         self.thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         self.thread.start()
 
-    # ---- start-up profile: the cost model's numbers, measured on this replica's hardware (static batches)
+    # ---- start-up profile: the cost model's numbers, measured on this replica's hardware, on the engine it serves
+    # with (n requests prefilled one by one, then decoded together), so the step-time correction starts near 1
     def _measure_profile(self) -> LatencyProfile:
         from PIL import Image
+
+        from adallava.engine import Engine, Request
 
         torch, B, K = self.torch, self.cfg.max_batch_size, max(self.cfg.profile_tokens, 2)
         img = Image.new("RGB", (64, 64), (128, 64, 32))
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
         prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+        enc = self.processor(images=[img], text=[prompt], return_tensors="pt")
 
         def timed(n, budget, tokens):
-            enc = self.processor(images=[img] * n, text=[prompt] * n, return_tensors="pt", padding=True)
+            engine = Engine(self.model, max_batch_size=n, eos_token_id=-1)
+            for i in range(n):
+                engine.add(Request(f"profile-{i}", enc["input_ids"], pixel_values=enc["pixel_values"], budget=budget,
+                                   max_new_tokens=tokens))  # fmt: skip
             with torch.inference_mode():
                 t = time.perf_counter()
-                self.model.generate(**enc, budget=budget, max_new_tokens=tokens, eos_token_id=-1)
+                while engine.has_work:
+                    engine.step()
                 return (time.perf_counter() - t) * 1000
 
         timed(1, 1.0, 2)  # warm-up
