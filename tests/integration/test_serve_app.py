@@ -360,7 +360,9 @@ def test_a_burst_lowers_budgets_on_all_replicas_and_they_recover(server, http):
     assert _quiet_budget(http)["budget"] == 1.0
     results = _post_many(server["url"], 96, 48)
     ok = [body["adallava"] for status, body, _ in results if status == 200]
-    assert len(ok) >= 24, [s for s, _, _ in results]
+    # enough answers to see budgets on both replicas (the profile is the engine's, whose prefills run one by one,
+    # so the policy admits a little fewer of a burst than it did with static batches)
+    assert len(ok) >= 16, [s for s, _, _ in results]
     budgets = [a["budget"] for a in ok]
     assert min(budgets) < 1.0, budgets  # the load made the replicas trade compute for latency
     lowered = {a["replica"] for a in ok if a["budget"] < 1.0}
