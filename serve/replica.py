@@ -277,7 +277,9 @@ class AdaLlavaModel:
                                           code="invalid_request"))  # fmt: skip
             return
         retry = self.controller.admit((self.others + self.ongoing + 1) / max(self.n_replicas, 1))
-        if retry is not None:
+        # An idle replica always serves: its slowdown factor is only measured on steps it runs, so refusing while idle
+        # could keep a factor left high by a past burst forever (nothing would run to bring it down).
+        if retry is not None and self.ongoing > 0:
             self.m_reject.inc(tags={"reason": "overload"})
             msg = (f"overloaded: even the lowest budget ({self.controller.cfg.floor:g}) cannot meet the "
                    f"{self.controller.cfg.slo_ms:g} ms target at this load; retry after {retry} s")  # fmt: skip
