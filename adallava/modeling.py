@@ -447,15 +447,16 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         indices, no padding keys. Every query may attend to itself, so padding queries never see an empty row (which
         would put NaN into the residual stream)."""
         k_slots = torch.arange(n_keys, device=key_valid.device)
-        causal = k_slots[None, :] <= q_slots[:, None]
-        diag = k_slots[None, :] == q_slots[:, None]
+        q = q_slots[..., None] if q_slots.dim() == 2 else q_slots[None, :, None]  # q_slots [Tq], or [B, Tq] per row
+        causal = k_slots <= q  # [1 or B, Tq, n_keys]
+        diag = k_slots == q
         valid = key_valid[:, None, :n_keys]
-        masks = {None: ((causal[None] & valid) | diag[None])[:, None]}
+        masks = {None: ((causal & valid) | diag)[:, None]}
         text = self.config.text_config
         window = getattr(text, "sliding_window", None)
         if window and getattr(text, "use_sliding_window", True):
-            near = k_slots[None, :] > q_slots[:, None] - window
-            masks[window] = ((causal[None] & near[None] & valid) | diag[None])[:, None]
+            near = k_slots > q - window
+            masks[window] = ((causal & near & valid) | diag)[:, None]
         return masks
 
     def _layer_window(self, i):
@@ -470,7 +471,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _run_layer(self, layer, w: _LayerWeights, h, cos, sin, mask, group=None, slot=0, head_mask=None, mlp_mask=None):
         """One Llama-style decoder layer on h [b, T, D]. head_mask [b, H] / mlp_mask [b, G]: training-style switches
-        (mask mode); w: full or sliced weights (skip mode); group: holds this layer's KV cache for these rows."""
+        (mask mode); w: full or sliced weights (skip mode); group: holds this layer's KV cache for these rows.
+        slot: the cache slot of the first new token, the same for every row; or a [b] tensor of per-row slots for one
+        decode token per row (continuous batching, adallava.engine), with the mask's key length bounding the cache."""
         attn, mlp = layer.self_attn, layer.mlp
         d = attn.head_dim
         b, T, _ = h.shape
@@ -481,9 +484,16 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             v = _project(attn.v_proj, x, rows=w.kv_rows).view(b, T, w.n_kv, d).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if group is not None and group.k is not None:
-                group.k[:, :, slot : slot + T] = k
-                group.v[:, :, slot : slot + T] = v
-                k, v = group.k[:, :, : slot + T], group.v[:, :, : slot + T]
+                if torch.is_tensor(slot):  # T == 1, each row at its own slot
+                    rows = torch.arange(b, device=k.device)
+                    group.k[rows, :, slot] = k[:, :, 0]
+                    group.v[rows, :, slot] = v[:, :, 0]
+                    n_keys = mask.shape[-1]
+                else:
+                    group.k[:, :, slot : slot + T] = k
+                    group.v[:, :, slot : slot + T] = v
+                    n_keys = slot + T
+                k, v = group.k[:, :, :n_keys], group.v[:, :, :n_keys]
             if w.kv_map is not None:
                 k, v = k.index_select(1, w.kv_map), v.index_select(1, w.kv_map)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,

@@ -6,7 +6,7 @@
     python -m serve --model models:/adallava/3       # a registered model version (MLflow Model Registry)
     python -m serve --model models:/adallava@prod    # the version an alias names now (pinned at start)
 
-key=value overrides name ServeConfig fields (serve/app.py), dotted for policy.* and limits.*.
+key=value overrides name ServeConfig fields (serve/config.py), dotted for policy.* and limits.*.
 For a cluster, use the Serve config file instead: `serve run serve/configs/tiny.yaml` or `serve deploy ...`.
 """
 
@@ -28,6 +28,10 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(4, cores))")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/* (default: "
+                    "$ADALLAVA_API_KEY; none: open)")
+    ap.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeat); "
+                    "CORS is off by default")
     ap.add_argument("--config", default=None, help="a Serve config YAML whose first application's args to use")
     ap.add_argument("overrides", nargs="*", help="key=value ServeConfig overrides (e.g. policy.slo_ms=1500)")
     args = ap.parse_args(argv)
@@ -45,6 +49,10 @@ def main(argv=None):
         app_args[key] = value
     if args.model:
         app_args["model"] = args.model
+    if args.api_key:
+        app_args["api_key"] = args.api_key
+    if args.cors_origin:
+        app_args["cors_allow_origins"] = args.cors_origin
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,6 +1,8 @@
-"""The Serve application end to end on a local Ray cluster (loopback): the official openai client, every bad-input
-case (4xx, OpenAI-style body, server keeps serving), budgets that fall under a burst and come back, 429 when even
-the floor cannot keep up, and a replica that fails its health check being replaced. One app for the whole module."""
+"""The Serve application end to end on a local Ray cluster (loopback): the official openai client, continuous batching
+(a short request beside a long one leaves after its own steps; the long one's answer is the one it gets alone), stop
+sequences, usage in the stream, seeded sampling, every bad-input class (4xx, OpenAI-style body, and the well-formed
+requests sent beside them all answered), budgets that fall under a burst and come back, 429 when even the floor
+cannot keep up, and a replica that fails its health check being replaced. One app for the whole module."""
 
 import base64
 import concurrent.futures as cf
@@ -103,7 +105,8 @@ def http(server):
 
 def test_models_and_health(client, http):
     assert [m.id for m in client.models.list().data] == ["adallava-test"]
-    assert http.get("/health").json() == {"status": "ok"}
+    health = http.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["replica"]
 
 
 def test_text_completion_with_openai_client(client):
@@ -161,6 +164,64 @@ def test_sse_wire_format(http):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
+LONG = [{"role": "user", "content": "Tell me a long story"}]
+
+
+def test_a_short_request_beside_a_long_one_leaves_after_its_own_steps(client, http):
+    """The long request streams; once it is running a 2-token request joins its batch and comes back after 2 engine
+    steps while the long one goes on; the long answer is the one it gets alone (greedy)."""
+    stream = client.chat.completions.create(model="adallava-test", messages=LONG, max_tokens=200, stream=True,
+                                            extra_body={"budget": 1.0})  # fmt: skip
+    chunks = [next(stream), next(stream)]  # the role chunk, then a first token: the long one is in the engine
+    short = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                     "budget": 1.0})  # fmt: skip
+    assert short.status_code == 200, short.text
+    s = short.json()
+    assert s["usage"]["completion_tokens"] == 2 and s["choices"][0]["finish_reason"] == "length"
+    assert s["adallava"]["engine_steps"] == 2
+    chunks += list(stream)
+    long_ada = chunks[-1].model_extra["adallava"]
+    assert chunks[-1].choices[0].finish_reason == "length" and long_ada["engine_steps"] == 200
+    if s["adallava"]["replica"] == long_ada["replica"]:  # routed beside it: it joined a running batch
+        assert s["adallava"]["batch_size"] >= 2
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    alone = client.chat.completions.create(model="adallava-test", messages=LONG, max_tokens=200,
+                                           extra_body={"budget": 1.0})  # fmt: skip
+    assert text == alone.choices[0].message.content and alone.usage.completion_tokens == 200
+
+
+def test_stop_sequence_ends_the_answer_before_it(client):
+    full = client.chat.completions.create(model="adallava-test", messages=LONG, max_tokens=24)
+    text = full.choices[0].message.content
+    start = next(i for i in range(3, len(text) - 2) if text[i : i + 2].isalpha())  # a printable pair past the start
+    stop = text[start : start + 2]
+    for stream in (False, True):
+        r = client.chat.completions.create(model="adallava-test", messages=LONG, max_tokens=24, stop=[stop, "@@@"],
+                                           stream=stream)  # fmt: skip
+        if stream:
+            chunks = list(r)
+            got, reason = "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            got, reason = r.choices[0].message.content, r.choices[0].finish_reason
+        assert got == text[: text.find(stop)] and reason == "stop"
+
+
+def test_include_usage_and_max_completion_tokens(client):
+    chunks = list(client.chat.completions.create(model="adallava-test", messages=LONG, max_completion_tokens=5,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 5
+
+
+def test_seed_fixes_a_sampled_answer(client):
+    def sample(seed):
+        return client.chat.completions.create(model="adallava-test", messages=LONG, max_tokens=12, temperature=1.0,
+                                              seed=seed).choices[0].message.content  # fmt: skip
+
+    a = sample(7)
+    assert sample(7) == a and sample(8) != a
+
+
 def test_fetch_from_an_allow_listed_host(http, server):
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": server["images"] + "/ok.png"}}, {"type": "text", "text": "?"}]}],
@@ -209,6 +270,16 @@ BAD = [
     ("file scheme", chat(image("file:///etc/passwd")), 400, "url_not_allowed"),
     ("host not allowed", chat(image("http://localhost:1/a.png")), 400, "url_not_allowed"),
     ("unknown model", {**chat("hi"), "model": "gpt-9"}, 404, "model_not_found"),
+    ("json nested 5000 deep", b'{"messages": [], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
+    ("integer of 5000 digits", b'{"messages": [], "max_tokens": ' + b"7" * 5000 + b"}", 400, "invalid_json"),
+    ("400-digit budget", chat("hi", budget=10**400), 400, "invalid_value"),
+    ("400-digit temperature", chat("hi", temperature=10**400), 400, "invalid_value"),
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_unicode"),
+    ("very wide image", chat(image(data_url(png((4000, 2))))), 400, "image_aspect_ratio"),
+    ("tools", chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter"),
+    ("logprobs", chat("hi", logprobs=True), 400, "unsupported_parameter"),
+    ("unrecognized field", chat("hi", frobnicate=1), 400, "unsupported_parameter"),
+    ("n above 1", chat("hi", n=3), 400, "invalid_value"),
 ]
 
 
@@ -231,12 +302,30 @@ def test_bad_fetched_images_are_4xx(http, server, path, code, words):
     assert r.json()["error"]["code"] == code and words in r.json()["error"]["message"]
 
 
-def test_server_keeps_serving_after_bad_input(client, http):
-    for _, body, _, _ in BAD[:6]:
-        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-        http.post("/v1/chat/completions", **kw)
-    r = client.chat.completions.create(model="adallava-test", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert r.choices[0].finish_reason in ("stop", "length")
+def test_well_formed_requests_beside_hostile_ones_are_all_answered(server):
+    """Every bad body and a well-formed request between each two, all at once: every bad one is a 4xx, every good one
+    a 200 with its tokens (nothing lost, no replica taken down)."""
+    import httpx
+
+    def send(item):
+        kind, body = item
+        with httpx.Client(base_url=server["url"], timeout=120) as c:
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {
+                "json": body}  # fmt: skip
+            r = c.post("/v1/chat/completions", **kw)
+            return kind, r.status_code, r.json()
+
+    items = []
+    for _, body, _, _ in BAD:
+        items += [("bad", body), ("good", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})]
+    with cf.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(send, items))
+    assert all(400 <= status < 500 for kind, status, _ in results if kind == "bad"), results
+    good = [(status, body) for kind, status, body in results if kind == "good"]
+    # answered in full (the budget the load allows may make a row stop at EOS before its 3 tokens)
+    assert all(status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+               and body["usage"]["completion_tokens"] <= 3 for status, body in good), good  # fmt: skip
+    assert len(good) == len(BAD)
 
 
 # ---------------------------------------------------------------------------------------------------------- load
@@ -268,7 +357,9 @@ def test_a_burst_lowers_budgets_on_all_replicas_and_they_recover(server, http):
     assert _quiet_budget(http)["budget"] == 1.0
     results = _post_many(server["url"], 96, 48)
     ok = [body["adallava"] for status, body, _ in results if status == 200]
-    assert len(ok) >= 24, [s for s, _, _ in results]
+    # enough answers to see budgets on both replicas (the profile is the engine's, whose prefills run one by one,
+    # so the policy admits a little fewer of a burst than it did with static batches)
+    assert len(ok) >= 16, [s for s, _, _ in results]
     budgets = [a["budget"] for a in ok]
     assert min(budgets) < 1.0, budgets  # the load made the replicas trade compute for latency
     lowered = {a["replica"] for a in ok if a["budget"] < 1.0}

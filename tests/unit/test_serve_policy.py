@@ -366,9 +366,11 @@ def test_valid_request_keeps_caps_and_images():
     assert p.messages == [{"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image"}]}]
 
 
-def test_unknown_fields_from_openai_clients_are_ignored():
-    p = validate({**msg("hi"), "user": "u1", "seed": 3, "stream_options": {"include_usage": True}})
+def test_openai_fields_are_honoured_not_dropped():
+    p = validate({**msg("hi"), "user": "u1", "seed": 3, "stream": True, "stream_options": {"include_usage": True},
+                  "stop": "END", "frequency_penalty": 0})  # fmt: skip
     assert p.messages[0]["content"][0]["text"] == "hi"
+    assert p.seed == 3 and p.include_usage and p.stop == ["END"] and p.user == "u1"
 
 
 @pytest.mark.parametrize("url, code", [
