@@ -368,7 +368,10 @@ def train_loop(config: dict) -> None:
         scheduler.lr_lambdas = [floor] * len(scheduler.lr_lambdas)
     if resume_dir is not None:
         saved = torch.load(resume_dir / OPTIM_FILE, weights_only=False)
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        # strict=False: a parameter that never had a gradient (e.g. the vision tower's last layer, whose output LLaVA
+        # does not read with vision_feature_layer=-2) has no AdamW state yet, exactly as in the uninterrupted run
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
         scheduler.load_state_dict(saved["scheduler"])
 
     collator = TrainCollator(processor, max_length=cfg.max_length)
