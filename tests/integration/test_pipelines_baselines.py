@@ -36,12 +36,12 @@ def _cfg(work, **kw):
 def trained(ray_cluster, work):
     from pipelines import train
 
-    # the base trains its vision tower, whose last layer never gets a gradient (LLaVA reads layer -2): a worker dies at
-    # step 3 and the group resumes from step 2's checkpoint, whose optimizer state has no entry for those parameters
-    base = train.run(_cfg(work, stage="base", name="base", freeze_vision_tower=False, max_steps=4, checkpoint_every=2,
-                          max_failures=1, fail_at_step=3, fail_marker=str(work / "failed-once")))  # fmt: skip
-    assert (work / "failed-once").is_file() and base.result.metrics["resumed_from_step"] == 2
-    assert base.result.metrics["step"] == 4
+    # The base trains its vision tower, whose last layer never gets a gradient (LLaVA reads layer -2), so its checkpoint's
+    # optimizer state has no entry for those parameters; a rerun with the same name resumes from it all the same.
+    first = train.run(_cfg(work, stage="base", name="base", freeze_vision_tower=False, max_steps=2))
+    assert first.result.metrics["step"] == 2
+    base = train.run(_cfg(work, stage="base", name="base", freeze_vision_tower=False, max_steps=4))
+    assert base.result.metrics["resumed_from_step"] == 2 and base.result.metrics["step"] == 4
     out = {"base": base}
     for stage in ("layerskip", "layerdrop"):
         out[stage] = train.run(_cfg(work, stage=stage, name=stage, init_from=str(base.final_checkpoint),
@@ -67,7 +67,7 @@ def test_each_baseline_stage_trains_from_the_base(trained, work):
         name = "model.language_model.layers.7.mlp.down_proj.weight"
         a, b = dict(model.named_parameters())[name], dict(base_model.named_parameters())[name]
         assert not torch.equal(a, b), stage
-        v = "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+        v = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
         assert torch.equal(dict(model.named_parameters())[v], dict(base_model.named_parameters())[v])
         assert math.isfinite(outcome.result.metrics["loss"])
 
