@@ -135,10 +135,17 @@ def register_adapted(run_id: str, uri: str, name: str, tags: dict) -> dict:
     (pipelines.train); this registers them as a new version of `name`. If pipelines.train registers the adapt stage's
     model itself, call that instead of this to avoid a second version of the same weights."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
-    return {"name": name, "version": version.version, "source": f"runs:/{run_id}/model"}
+    client = mlflow.MlflowClient(uri)
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"  # the files, not an MLflow "logged model" flavour
+    try:
+        client.create_registered_model(name, description="AdaLLaVA on SmolLM2-135M (python -m pipelines.smol)")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    return {"name": name, "version": version.version, "source": source, "run_id": run_id}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m pipelines.smol " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_s_this_invocation": time.perf_counter() - t0,
     }  # fmt: skip
+    path = project_path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))  # before registering: a registry error must not lose the results
     if not args.no_register:
         uri = tracking_uri(adapt_cfg.mlflow_tracking_uri)
         out["registered_model"] = register_adapted(st["adapt"]["mlflow_run_id"], uri, args.registered_model,
                                                     {"preset": "smol", "pipeline": args.name})  # fmt: skip
-    path = project_path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(out, indent=1))
     print(report["table"])
     print("\nheadline:", json.dumps(head, indent=1))
     for k, v in out["targets"].items():
