@@ -1,5 +1,6 @@
 """Training on Ray Train: stage `base` (plain LLaVA path, budget fixed at 1.0) and stage `adapt` (AdaLLaVA fine-tuning:
-one random budget per sample, Gumbel-sampled execution plans; spec sections 2 and 4), one entry point.
+one random budget per sample, Gumbel-sampled execution plans; spec sections 2 and 4), one entry point. Stages
+`layerskip` and `layerdrop` train the early-exit and random-skipping baselines (adallava.baselines) from the base.
 
     python -m pipelines.train --config pipelines/configs/tiny_base.yaml
     python -m pipelines.train --config pipelines/configs/tiny_adapt.yaml init_from=runs/tiny-base/final max_steps=50
@@ -152,6 +153,9 @@ def validate_baseline(cfg: TrainConfig) -> None:
     baseline_args(cfg.baseline_args)
     if cfg.freeze_language_model:
         raise ValueError(f"stage {cfg.stage} fine-tunes the language model: freeze_language_model must be false")
+    if cfg.stage == "layerskip" and cfg.strategy == "fsdp":
+        # the early exits call the final norm and lm_head outside the wrapped forward, where FSDP has resharded them
+        raise ValueError("stage layerskip runs its early exits outside the FSDP-wrapped forward: use strategy ddp")
 
 
 def baseline_step_loss(cfg: TrainConfig, model, unwrapped, inputs: dict):

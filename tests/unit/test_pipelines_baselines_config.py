@@ -33,6 +33,8 @@ def test_baseline_stage_settings_are_checked(base_dir):
         train.validate(TrainConfig(stage="adapt", init_from=base_dir, baseline_args={"layerdrop_rate": 0.2}))
     with pytest.raises(ValueError, match="freeze_language_model must be false"):
         train.validate(TrainConfig(stage="layerdrop", init_from=base_dir, freeze_language_model=True))
+    with pytest.raises(ValueError, match="use strategy ddp"):
+        train.validate(TrainConfig(stage="layerskip", init_from=base_dir, strategy="fsdp"))
     with pytest.raises(ValueError, match="loss_weights"):
         train.validate(TrainConfig(stage="layerskip", init_from=base_dir, loss_weights={"gamma": 1.0}))
     train.validate(TrainConfig(stage="layerskip", init_from=base_dir, baseline_args={"layerskip_p_max": 0.2}))
