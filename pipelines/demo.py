@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     phases = {}
-    print(f"== adallava main job: data -> base -> adapt -> evaluate   (project folder {PROJECT_DIR})", flush=True)
+    print(f"== adallava main job: data -> base -> adapt -> {'trained baselines -> ' if baselines else ''}evaluate   "
+          f"(project folder {PROJECT_DIR})", flush=True)
     t = time.perf_counter()
     train.prepare_dataset(base_cfg)  # generates data/bundled on first use (deterministic by seed)
     phases["data"] = time.perf_counter() - t
