@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv
+.PHONY: demo test bench venv smol
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(PY) -m pipelines.demo
+
+# AdaLLaVA on SmolLM2-135M's real weights: base -> adapt -> trained baselines -> evaluate -> bench/results/smol_trained.json
+# (hours on 2 CPU cores; run it in the background, rerun to resume: see README "SmolLM2 trained the paper's way")
+smol: venv
+	$(PY) -m pipelines.smol
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests

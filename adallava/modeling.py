@@ -50,6 +50,7 @@ class AdaLlavaOutput(ModelOutput):
     budget: torch.Tensor | None = None  # [B]
     latency_token_position: torch.Tensor | None = None  # [B]
     labels: torch.Tensor | None = None  # labels aligned with logits (latency token inserted, IGNORE there)
+    exit_hidden_states: dict | None = None  # {layer index: [B, T, D]} for forward(exit_layers=...), before the norm
 
 
 @dataclass
@@ -572,7 +573,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return groups
 
     def decode(self, h, key_valid, position_ids, budget, latency_pos=None, *, state=None, plan=None, mode="skip",
-               generator=None, image_mask=None, selection=None):  # fmt: skip
+               generator=None, image_mask=None, selection=None, exit_hidden=None):  # fmt: skip
         """Run the language model's layers on h [B, T, D] -> (final-norm hidden states, plan).
 
         key_valid [B, >= past+T]: which key slots are real tokens; position_ids [B, T]. The plan comes from (in order):
@@ -582,6 +583,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         With token_selection="fastv" and image_mask [B, T] (a prefill), image tokens are dropped after layer fastv_k;
         `selection` (a dict, optional) receives "index" [B, T'] (which input positions the output rows are) and
         "valid" [B, T'].
+        `exit_hidden` (a dict {layer index: None}, optional) receives each named layer's output hidden states
+        (before the final norm): the early-exit losses of LayerSkip-style training (adallava.baselines).
         """
         cfg = self.config
         lm = self.model.language_model
@@ -651,6 +654,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     h = checkpoint(run, *args, use_reentrant=False)
                 else:
                     h = run(*args)
+                if exit_hidden is not None and i in exit_hidden:
+                    exit_hidden[i] = h
                 continue
             # skip mode, schedulable layer
             if plan_cpu is None and not (state is not None and i in state.groups):
@@ -669,6 +674,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 else:
                     out = self._run_layer(layer, g.weights, h[g.rows], cos[g.rows], sin[g.rows], mask[g.rows], g, past)
                     h = h.index_copy(0, g.rows, out)
+            if exit_hidden is not None and i in exit_hidden:
+                exit_hidden[i] = h
         if state is not None:
             if prefill_fastv or post_segment:
                 state.length += T
@@ -705,10 +712,11 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, budget=None,
                 inputs_embeds=None, image_sizes=None, execution_plan=None, plan_mode=None, generator=None,
-                logits_to_keep: int = 0, **kwargs):  # fmt: skip
+                logits_to_keep: int = 0, exit_layers=None, **kwargs):  # fmt: skip
         """Training and scoring forward. budget: a float or one per row (random per sample in training when None).
         plan_mode: "mask" (training default) or "skip" (inference default). execution_plan: a [B, S, 2, H] plan to
-        run instead of the scheduler's."""
+        run instead of the scheduler's. exit_layers: layer indices whose output hidden states (before the final norm)
+        come back in `exit_hidden_states` (early-exit losses, adallava.baselines)."""
         unknown = set(kwargs) - _IGNORED_FORWARD_KWARGS
         if unknown:  # a misspelt budget= must not silently run the full model
             raise TypeError(f"unexpected forward arguments: {sorted(unknown)}")
@@ -724,9 +732,17 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         mode = plan_mode or ("mask" if self.training else "skip")
         selection = {}
+        exit_hidden = None
+        if exit_layers is not None:
+            bad = [i for i in exit_layers if not 0 <= int(i) < self.config.num_layers]
+            if bad:
+                raise ValueError(f"exit_layers {bad}: layer indices must be in [0, {self.config.num_layers - 1}]")
+            if self.config.token_selection == "fastv":
+                raise ValueError("exit_layers with token_selection='fastv': layers after fastv_k see fewer rows")
+            exit_hidden = {int(i): None for i in exit_layers}
         hidden, plan = self.decode(
             h, mask.bool(), position_ids, budget, lat_pos, plan=execution_plan, mode=mode, generator=generator,
-            image_mask=image_mask, selection=selection,
+            image_mask=image_mask, selection=selection, exit_hidden=exit_hidden,
         )  # fmt: skip
         if selection and labels is not None:  # FastV dropped image tokens: labels follow the rows that remain
             labels = labels.gather(1, selection["index"]).masked_fill(~selection["valid"], IGNORE_INDEX)
@@ -737,7 +753,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         return AdaLlavaOutput(
             loss=loss, logits=logits, execution_plan=self.execution_plan_fractions(plan), plan=plan, budget=budget,
-            latency_token_position=lat_pos, labels=labels,
+            latency_token_position=lat_pos, labels=labels, exit_hidden_states=exit_hidden,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- generate

@@ -38,6 +38,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from adallava import perplexity as _ppl
+from adallava.perplexity import batches, text_chunks  # noqa: F401  (the benchmark's held-out text)
+
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
@@ -78,91 +81,24 @@ def parse(argv) -> BenchConfig:
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------------------ data
-
-
-def text_chunks(tokenizer, n_ctx: int, n_cont: int, split: str) -> list[list[int]]:
-    """Non-overlapping chunks of n_ctx + n_cont tokens from the stdlib's Python reference topics, interleaved across
-    topics (chunk 0 of every topic, then chunk 1, ...) so a small set still spans many topics."""
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    chosen = [n for i, n in enumerate(names) if (i % 4 == 0) == (split == "eval")]
-    size = n_ctx + n_cont
-    per_topic = []
-    for name in chosen:
-        ids = tokenizer(topics[name].strip(), add_special_tokens=False).input_ids
-        per_topic.append([ids[i : i + size] for i in range(0, len(ids) - size + 1, size)])
-    out = []
-    for j in range(max(map(len, per_topic))):
-        out += [chunks[j] for chunks in per_topic if j < len(chunks)]
-    return out
-
-
-def batches(chunks, n_ctx, batch):
-    import torch
-
-    for i in range(0, len(chunks), batch):
-        ids = torch.tensor(chunks[i : i + batch])
-        labels = ids.clone()
-        labels[:, :n_ctx] = -100  # context: not scored; the latency token goes right after it
-        yield ids, labels
-
-
 # ------------------------------------------------------------------------------------------------------------ eval
+# The held-out text and the perplexity helpers live in adallava.perplexity (pipelines.evaluate uses them too).
 
 
 def nll(model, chunks, cfg, budget, plan_fn=None):
-    """(summed NLL, scored tokens) of the continuations; plan_fn(batch) -> an execution plan, or None = scheduler."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids, labels in batches(chunks, cfg.ctx, cfg.eval_batch):
-            plan = plan_fn(ids.shape[0]) if plan_fn else None
-            out = model(input_ids=ids, labels=labels, budget=budget, execution_plan=plan)
-            lab = out.labels[:, 1:]
-            total += F.cross_entropy(
-                out.logits[:, :-1].float().flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((lab != -100).sum())
-    return total, count
+    return _ppl.nll(model, chunks, cfg.ctx, cfg.eval_batch, budget, plan_fn)
 
 
 def nll_plain(model, chunks, cfg):
-    """SmolLM2 alone (no latency token): the reference the adaptive model is measured against."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    lm = model.model.language_model
-    with torch.no_grad():
-        for ids, labels in batches(chunks, cfg.ctx, cfg.eval_batch):
-            hidden = lm(input_ids=ids, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden)
-            total += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels[:, 1:] != -100).sum())
-    return total, count
+    return _ppl.nll_plain(model, chunks, cfg.ctx, cfg.eval_batch)
 
 
 def layer_plan(model, batch, layers):
-    import torch
-
-    c = model.config
-    plan = torch.zeros(batch, c.num_schedulable_layers, 2, c.num_switches)
-    plan[:, list(layers)] = 1.0
-    return plan
+    return _ppl.layer_plan(model.config, batch, layers)
 
 
 def k_for(model, budget):
-    import torch
-
-    from adallava.budget import units_for_budget
-
-    return int(units_for_budget(torch.tensor([budget], dtype=torch.float64), model.config)[0])
+    return _ppl.k_for(model.config, budget)
 
 
 # ------------------------------------------------------------------------------------------------------------ train

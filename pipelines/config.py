@@ -29,8 +29,12 @@ class TrainConfig:
     one: lr 1e-5, cosine with 3% warm-up, 1 epoch, global batch 128, bf16, gradient checkpointing, frozen CLIP."""
 
     # --- what to train
-    stage: Literal["base", "adapt"] = "adapt"  # base: plain LLaVA path (budget 1.0); adapt: AdaLLaVA fine-tuning
-    preset: str = "tiny"  # the model family, for tags ("tiny" builds from random init in stage base)
+    # base: plain LLaVA path (budget 1.0); adapt: AdaLLaVA fine-tuning; layerskip / layerdrop: the early-exit and
+    # random-skipping baselines fine-tuned from the base with the same steps and data (adallava.baselines)
+    stage: Literal["base", "adapt", "layerskip", "layerdrop"] = "adapt"
+    # the model family: "tiny" (random init) or "smol" (SmolLM2-135M's real weights + a random vision tower) are built
+    # when there is no init_from; any other name is a tag and needs init_from
+    preset: str = "tiny"
     init_from: str | None = None  # a checkpoint dir: required for adapt (the base), optional for base
     # build_tiny keyword arguments when the base starts from random init (e.g. hidden_size, num_hidden_layers)
     model_overrides: dict = field(default_factory=dict)
@@ -51,6 +55,9 @@ class TrainConfig:
     # target_modules); empty = full fine-tuning. The base LM is frozen, the adapters, projector, latency encoder and
     # scheduler train; checkpoints hold the base weights plus adapter_config.json / adapter_model.safetensors.
     lora: dict = field(default_factory=dict)
+    # adallava.baselines.BaselineArgs fields for stages layerskip / layerdrop (layerskip_p_max, layerskip_e_scale,
+    # layerdrop_rate); empty = the defaults documented there
+    baseline_args: dict = field(default_factory=dict)
     # Gumbel-softmax temperature of the scheduler's plan sampling (AdaLlavaConfig.gumbel_tau, the paper's 5); None keeps
     # the checkpoint's value. A training knob the tuning sweeps search over.
     gumbel_tau: float | None = None
@@ -67,6 +74,9 @@ class TrainConfig:
     global_batch_size: int = 128  # LLaVA-1.5 stage 2; = micro_batch_size * num_workers * grad accumulation
     micro_batch_size: int = 16  # per worker per forward
     lr: float = 1e-5
+    # learning rate of the scheduler and the latency encoder (None: lr, as in the paper); they start from random init
+    # and a short fine-tune at an LM-sized lr hardly moves them
+    scheduler_lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
@@ -76,6 +86,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast (weights and optimizer state stay fp32)
     gradient_checkpointing: bool = True
     freeze_vision_tower: bool = True  # CLIP stays frozen (spec 4); the projector and the LM train
+    # the language model (embeddings, layers, norm, lm_head) frozen: LLaVA stage 1 (only vision side + projector learn)
+    freeze_language_model: bool = False
     seed: int = 0
     # --- checkpoints, fault tolerance
     checkpoint_every: int = 100  # optimizer steps; the last step always checkpoints
@@ -103,6 +115,10 @@ class EvalConfig:
 
     model: str = ""  # the adapted (AdaLLaVA) checkpoint dir: required
     base: str | None = None  # the base checkpoint the baselines run on (default: `model`)
+    # trained baselines (stages layerskip / layerdrop): their checkpoints; each given one adds its method
+    # (early_exit_trained, random_skip_trained) to the default methods
+    early_exit_model: str | None = None
+    random_skip_model: str | None = None
     dataset: str = "bundled"
     data_dir: str = "data/bundled"
     split: str = "test"
@@ -110,13 +126,20 @@ class EvalConfig:
     on_bad: Literal["skip", "fail"] = "skip"
     max_examples: int = -1  # -1: the whole split
     budgets: list | None = None  # default: the model's own budget steps (adallava.budget.budget_grid)
-    methods: list = field(default_factory=lambda: ["adallava", "early_exit", "random_skip", "full"])
+    # default: adallava, early_exit, random_skip (on the base), the trained baselines whose checkpoints are given, full
+    methods: list | None = None
     batch_size: int = 64
     max_new_tokens: int = 8
     latency_samples: int = 24  # requests timed one at a time per (method, budget) for prefill / per-token latency
     num_qualitative: int = 3  # examples in the qualitative figure
     seed: int = 0  # random-skip plans
     output_dir: str = "runs/eval"
+    # perplexity on held-out text (adallava.perplexity: Python's reference docs) per method and budget, and of each
+    # checkpoint's language model alone; 0 chunks = off. Each chunk: perplexity_ctx context + perplexity_cont scored
+    perplexity_chunks: int = 0
+    perplexity_ctx: int = 48
+    perplexity_cont: int = 48
+    perplexity_batch: int = 12
     num_threads: int = 1  # torch threads; 1 gives steadier latency figures for small models on a shared CPU
     mlflow_tracking_uri: str | None = None
     experiment: str = "adallava"

@@ -11,6 +11,11 @@ chosen (how often each layer runs). Methods at the same budgets, from the same b
   early_exit   the base model running its first k schedulable layers (k = the budget's plan size)
   random_skip  the base model running k schedulable layers drawn at random per request (seeded)
   full         the base model with every layer (one point, budget 1.0)
+  early_exit_trained   early exit on a checkpoint trained LayerSkip-style (stage layerskip, same steps and data as
+                       adapt): evaluate ... early_exit_model=<dir>
+  random_skip_trained  random skipping on a checkpoint trained LayerDrop-style (stage layerdrop): random_skip_model=<dir>
+With perplexity_chunks > 0, also the perplexity of held-out text (adallava.perplexity) per method and budget, and of
+each checkpoint's language model alone (no latency token).
 Writes results.json and PNG plots (accuracy vs budget, accuracy vs measured latency, layer usage vs budget, a
 qualitative figure), logs all of it to MLflow, and prints a table. A registered model (model=models:/<name>/<version>
 or models:/<name>@<alias>) gets its accuracy per budget as tags on that model version.
@@ -33,7 +38,32 @@ from .config import EvalConfig, as_dict, load_config, project_path, tracking_uri
 
 METHOD_LABELS = {
     "adallava": "AdaLLaVA", "early_exit": "early exit", "random_skip": "random skipping", "full": "full model",
+    "early_exit_trained": "early exit (LayerSkip-trained)", "random_skip_trained": "random skip (LayerDrop-trained)",
 }  # fmt: skip
+# the plan each baseline method runs, and the EvalConfig key of the checkpoint a trained one runs on
+PLAN_OF = {"early_exit": "early_exit", "random_skip": "random_skip", "full": "full",
+           "early_exit_trained": "early_exit", "random_skip_trained": "random_skip"}  # fmt: skip
+TRAINED_CHECKPOINT = {"early_exit_trained": "early_exit_model", "random_skip_trained": "random_skip_model"}
+
+
+def resolve_methods(cfg: EvalConfig) -> list[str]:
+    """The methods to evaluate: cfg.methods, or the default set (the trained baselines whose checkpoints are given).
+    A trained method without its checkpoint, or a checkpoint whose method is not evaluated, is an error."""
+    given = [m for m, key in TRAINED_CHECKPOINT.items() if getattr(cfg, key)]
+    if cfg.methods is None:
+        return ["adallava", "early_exit", "random_skip", *given, "full"]
+    unknown = [m for m in cfg.methods if m not in METHOD_LABELS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; known: {list(METHOD_LABELS)}")
+    for m, key in TRAINED_CHECKPOINT.items():
+        if m in cfg.methods and not getattr(cfg, key):
+            raise ValueError(f"method {m} needs its checkpoint: {key}=<dir> (a stage {_STAGE_OF[m]} run)")
+        if m not in cfg.methods and getattr(cfg, key):
+            raise ValueError(f"{key} is given but method {m} is not in methods={cfg.methods}")
+    return list(cfg.methods)
+
+
+_STAGE_OF = {"early_exit_trained": "layerskip", "random_skip_trained": "layerdrop"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +117,7 @@ def generate_batches(model, tokenizer, batches, method, budget, cfg, generator):
         B = batch["input_ids"].shape[0]
         plan = None
         if method != "adallava":
-            plan = baseline_plan(method, budget, B, model.config, generator)
+            plan = baseline_plan(PLAN_OF[method], budget, B, model.config, generator)
         out = model.generate(
             **batch, budget=budget if method == "adallava" else 1.0, execution_plan=plan,
             max_new_tokens=cfg.max_new_tokens, return_dict_in_generate=True,
@@ -111,7 +141,7 @@ def measure_latency(model, singles, method, budget, cfg, generator):
 
     prefill, per_token = [], []
     for batch in singles:
-        plan = None if method == "adallava" else baseline_plan(method, budget, 1, model.config, generator)
+        plan = None if method == "adallava" else baseline_plan(PLAN_OF[method], budget, 1, model.config, generator)
         out = model.generate(
             **batch, budget=budget if method == "adallava" else 1.0, execution_plan=plan,
             max_new_tokens=cfg.max_new_tokens, eos_token_id=_eos_never(), return_dict_in_generate=True,
@@ -161,9 +191,7 @@ def run(cfg: EvalConfig) -> dict:
 
     if not cfg.model:
         raise ValueError("model=<checkpoint dir> is required (the adapted AdaLLaVA checkpoint)")
-    unknown = [m for m in cfg.methods if m not in METHOD_LABELS]
-    if unknown:
-        raise ValueError(f"methods: unknown {unknown}; known: {list(METHOD_LABELS)}")
+    methods = resolve_methods(cfg)
     t_start = time.perf_counter()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -177,6 +205,10 @@ def run(cfg: EvalConfig) -> dict:
     if base_path != model_path:
         base, _ = presets.load(base_path)
     model.eval(), base.eval()
+    models = {"adallava": model, "early_exit": base, "random_skip": base, "full": base}
+    for m, key in TRAINED_CHECKPOINT.items():
+        if m in methods:
+            models[m] = presets.load(project_path(getattr(cfg, key)))[0].eval()
     tokenizer = processor.tokenizer
     budgets = [float(b) for b in (cfg.budgets or budget_grid(model.config))]
 
@@ -202,10 +234,15 @@ def run(cfg: EvalConfig) -> dict:
     bad = {"dataset": ds.report.as_dict(), "collator": collator.report.as_dict()}
 
     # ---- every (method, budget)
-    plan_methods = [m for m in cfg.methods if m != "full"]
-    jobs = [(m, b) for m in plan_methods for b in budgets] + ([("full", 1.0)] if "full" in cfg.methods else [])
-    results: dict[str, dict] = {m: {} for m in cfg.methods}
-    examples: dict[str, dict] = {m: {} for m in cfg.methods}
+    plan_methods = [m for m in methods if m != "full"]
+    jobs = [(m, b) for m in plan_methods for b in budgets] + ([("full", 1.0)] if "full" in methods else [])
+    results: dict[str, dict] = {m: {} for m in methods}
+    examples: dict[str, dict] = {m: {} for m in methods}
+    chunks = None
+    if cfg.perplexity_chunks > 0:
+        from adallava.perplexity import text_chunks
+
+        chunks = text_chunks(tokenizer, cfg.perplexity_ctx, cfg.perplexity_cont, "eval")[: cfg.perplexity_chunks]
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -216,7 +253,7 @@ def run(cfg: EvalConfig) -> dict:
         lines = cfg.progress and not sys.stdout.isatty()
         for i, (method, b) in enumerate(tqdm(jobs, desc="evaluate", unit="setting", disable=None if cfg.progress else True,
                                              file=sys.stdout)):  # fmt: skip
-            m = model if method == "adallava" else base
+            m = models[method]
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + int(round(b * 1000)))
             rows = generate_batches(m, tokenizer, batches, method, b, cfg, gen)
             summary = summarise(rows)
@@ -225,6 +262,8 @@ def run(cfg: EvalConfig) -> dict:
                 1000 * x for x in measure_latency(m, singles, method, b, cfg, lat_gen)
             ) if singles else (float("nan"), float("nan"))
             summary["budget"] = b
+            if chunks is not None:
+                summary["perplexity"] = method_perplexity(m, method, b, chunks, cfg)
             results[method][f"{b:.4f}"] = summary
             examples[method][f"{b:.4f}"] = rows
             if lines:
@@ -238,8 +277,17 @@ def run(cfg: EvalConfig) -> dict:
         "config": as_dict(cfg), "budgets": budgets, "num_examples": sum(len(m) for _, m in batches),
         "num_layers": model.config.num_layers, "num_prefix_layers": model.config.num_prefix_layers,
         "granularity": model.config.granularity, "results": results, "bad_records": bad,
-        "wall_s": time.perf_counter() - t_start,
     }  # fmt: skip
+    if chunks is not None:
+        from adallava.perplexity import nll_plain, perplexity
+
+        report["perplexity_tokens"] = len(chunks) * cfg.perplexity_cont
+        # each checkpoint's language model alone: what its training did to plain text ability
+        alone = {"adallava": model, "base": base, **{m: models[m] for m in TRAINED_CHECKPOINT if m in methods}}
+        report["perplexity_language_model_alone"] = {
+            k: perplexity(nll_plain(v, chunks, cfg.perplexity_ctx, cfg.perplexity_batch)) for k, v in alone.items()
+        }  # fmt: skip
+    report["wall_s"] = time.perf_counter() - t_start
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "predictions.json").write_text(json.dumps(examples, indent=0))
     plots = plot_results(report, out_dir)
@@ -265,7 +313,10 @@ def run(cfg: EvalConfig) -> dict:
                     f"accuracy/{method}": s["accuracy"], f"prefill_ms/{method}": s["prefill_ms"],
                     f"per_token_ms/{method}": s["per_token_ms"], f"gflops/{method}": s["flops"] / 1e9,
                     **{f"accuracy_{t}/{method}": a for t, a in s["accuracy_by_type"].items()},
+                    **({f"perplexity/{method}": s["perplexity"]} if "perplexity" in s else {}),
                 }, step=step)  # fmt: skip
+        for k, v in (report.get("perplexity_language_model_alone") or {}).items():
+            mlflow.log_metric(f"perplexity_lm_alone/{k}", v)
         mlflow.log_artifact(str(out_dir / "results.json"))
         mlflow.log_artifact(str(out_dir / "predictions.json"))
         for p in plots:
@@ -282,6 +333,20 @@ def run(cfg: EvalConfig) -> dict:
     return report
 
 
+def method_perplexity(model, method: str, budget: float, chunks, cfg: EvalConfig) -> float:
+    """Perplexity of the held-out chunks under `method` at `budget`: AdaLLaVA's scheduler, or the baseline's plan
+    (random skipping: one seeded draw per row, as in the accuracy runs)."""
+    import torch
+
+    from adallava.perplexity import nll, perplexity
+
+    if method == "adallava":
+        return perplexity(nll(model, chunks, cfg.perplexity_ctx, cfg.perplexity_batch, budget))
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + int(round(budget * 1000)))
+    plan_fn = lambda B: baseline_plan(PLAN_OF[method], budget, B, model.config, gen).to(model.device)  # noqa: E731
+    return perplexity(nll(model, chunks, cfg.perplexity_ctx, cfg.perplexity_batch, 1.0, plan_fn))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # plots and the table
 
@@ -294,7 +359,8 @@ def plot_results(report: dict, out_dir: Path) -> list[Path]:
     import numpy as np
 
     res = report["results"]
-    styles = {"adallava": ("C0", "o-"), "early_exit": ("C3", "s--"), "random_skip": ("C2", "^:"), "full": ("k", "*")}
+    styles = {"adallava": ("C0", "o-"), "early_exit": ("C3", "s--"), "random_skip": ("C2", "^:"), "full": ("k", "*"),
+              "early_exit_trained": ("C1", "s-"), "random_skip_trained": ("C4", "^-")}  # fmt: skip
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -336,6 +402,26 @@ def plot_results(report: dict, out_dir: Path) -> list[Path]:
     paths.append(out_dir / "accuracy_vs_latency.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    if any("perplexity" in s for per in res.values() for s in per.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, per in res.items():
+            xs = [s["budget"] for s in per.values()]
+            ys = [s["perplexity"] for s in per.values()]
+            colour, style = styles[method]
+            ax.plot(xs, ys, style, color=colour, ms=12 if method == "full" else 6, label=METHOD_LABELS[method])
+        for name, v in (report.get("perplexity_language_model_alone") or {}).items():
+            if name == "adallava":
+                ax.axhline(v, color="gray", ls=":", lw=1, label="language model alone (adapted)")
+        ax.set_yscale("log")
+        ax.set(xlabel="budget (fraction of decoder layers)", ylabel="perplexity (held-out text)",
+               title="Perplexity vs budget")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "perplexity_vs_budget.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
 
     if "adallava" in res:
         per = res["adallava"]
@@ -431,9 +517,11 @@ def qualitative_figure(model, processor, items, budgets, cfg: EvalConfig, out_di
 
 def format_table(report: dict) -> str:
     res = report["results"]
-    methods = [m for m in ("adallava", "early_exit", "random_skip") if m in res]
+    methods = [m for m in ("adallava", "early_exit", "random_skip", "early_exit_trained", "random_skip_trained")
+               if m in res]  # fmt: skip
+    short = {"early_exit_trained": "EE LayerSkip", "random_skip_trained": "RS LayerDrop"}
     lines = [f"Accuracy (%) on {report['num_examples']} examples, and AdaLLaVA's measured cost per budget", ""]
-    head = f"{'budget':>7} " + " ".join(f"{METHOD_LABELS[m]:>15}" for m in methods)
+    head = f"{'budget':>7} " + " ".join(f"{short.get(m, METHOD_LABELS[m]):>15}" for m in methods)
     head += f" {'prefill ms':>10} {'ms/token':>9} {'GFLOPs':>8}"
     lines += [head, "-" * len(head)]
     ref = res.get("adallava") or next(iter(res.values()))
@@ -446,6 +534,13 @@ def format_table(report: dict) -> str:
         s = next(iter(res["full"].values()))
         lines.append(f"full model (base, every layer): {100 * s['accuracy']:.1f}%  prefill {s['prefill_ms']:.2f} ms, "
                      f"{s['per_token_ms']:.2f} ms/token, {s['flops'] / 1e9:.3f} GFLOPs")  # fmt: skip
+    if any("perplexity" in s for s in ref.values()):
+        lines += ["", f"Perplexity of held-out text ({report.get('perplexity_tokens')} tokens)",
+                  f"{'budget':>7} " + " ".join(f"{short.get(m, METHOD_LABELS[m]):>15}" for m in methods)]  # fmt: skip
+        for key in ref:
+            lines.append(f"{float(key):>7.3f} " + " ".join(f"{res[m][key]['perplexity']:>15.4g}" for m in methods))
+        alone = report.get("perplexity_language_model_alone") or {}
+        lines.append("language model alone: " + ", ".join(f"{k} {v:.4g}" for k, v in alone.items()))
     if "adallava" in res:
         types = list(next(iter(res["adallava"].values()))["accuracy_by_type"])
         lines += ["", "AdaLLaVA accuracy (%) per question type", f"{'budget':>7} " + " ".join(f"{t:>9}" for t in types)]

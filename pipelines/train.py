@@ -1,5 +1,6 @@
 """Training on Ray Train: stage `base` (plain LLaVA path, budget fixed at 1.0) and stage `adapt` (AdaLLaVA fine-tuning:
-one random budget per sample, Gumbel-sampled execution plans; spec sections 2 and 4), one entry point.
+one random budget per sample, Gumbel-sampled execution plans; spec sections 2 and 4), one entry point. Stages
+`layerskip` and `layerdrop` train the early-exit and random-skipping baselines (adallava.baselines) from the base.
 
     python -m pipelines.train --config pipelines/configs/tiny_base.yaml
     python -m pipelines.train --config pipelines/configs/tiny_adapt.yaml init_from=runs/tiny-base/final max_steps=50
@@ -110,8 +111,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"lora: unknown key(s) {sorted(set(cfg.lora) - known)}; known: {sorted(known)}")
         if cfg.stage != "adapt":
             raise ValueError("lora adapts a trained base's language model: stage adapt only")
-    if cfg.stage == "adapt" and not cfg.init_from:
-        raise ValueError("stage adapt fine-tunes a base model: set init_from=<base checkpoint dir>")
+    if cfg.stage != "base" and not cfg.init_from:
+        raise ValueError(f"stage {cfg.stage} fine-tunes a base model: set init_from=<base checkpoint dir>")
+    if not cfg.init_from and cfg.preset not in BUILT_PRESETS:
+        raise ValueError(f"preset {cfg.preset!r} is not built here ({' or '.join(BUILT_PRESETS)}): set init_from=<dir>")
+    validate_baseline(cfg)
     if cfg.init_from and not (project_path(cfg.init_from) / "config.json").is_file():
         raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there (no config.json)")
     if cfg.init_from and cfg.model_overrides:
@@ -127,6 +131,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError("loss_weights shape how accuracy is shared across budgets: stage adapt only")
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
+    if cfg.scheduler_lr is not None and not cfg.scheduler_lr > 0:
+        raise ValueError(f"scheduler_lr must be > 0, got {cfg.scheduler_lr}")
     if cfg.checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
     if cfg.gumbel_tau is not None and not cfg.gumbel_tau > 0:
@@ -137,6 +143,45 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("val_every: only the bundled dataset has a validation split here (a JSON dataset has one file)")
     if cfg.val_every > 0 and cfg.strategy == "fsdp":
         raise ValueError("val_every runs rank 0's unsharded model: not with strategy fsdp")
+
+
+BUILT_PRESETS = ("tiny", "smol")  # presets a stage can start from without init_from
+
+
+def validate_baseline(cfg: TrainConfig) -> None:
+    """The baseline stages' own settings (adallava.baselines): known keys, in range, on a model they fit."""
+    from adallava.baselines import BASELINE_STAGES, baseline_args
+
+    if cfg.stage not in BASELINE_STAGES:
+        if cfg.baseline_args:
+            raise ValueError(f"baseline_args apply to stages {list(BASELINE_STAGES)}, not stage {cfg.stage}")
+        return
+    baseline_args(cfg.baseline_args)
+    if cfg.freeze_language_model:
+        raise ValueError(f"stage {cfg.stage} fine-tunes the language model: freeze_language_model must be false")
+    if cfg.stage == "layerskip" and cfg.strategy == "fsdp":
+        # the early exits call the final norm and lm_head outside the wrapped forward, where FSDP has resharded them
+        raise ValueError("stage layerskip runs its early exits outside the FSDP-wrapped forward: use strategy ddp")
+
+
+def baseline_step_loss(cfg: TrainConfig, model, unwrapped, inputs: dict):
+    """One micro-batch's loss in a baseline stage (layerskip / layerdrop): the recipe in adallava.baselines, run through
+    the (possibly DDP-wrapped) `model`; `unwrapped` gives the shared final norm and lm_head of LayerSkip's exits."""
+    from adallava.baselines import baseline_args, baseline_loss
+
+    return baseline_loss(cfg.stage, model, inputs, baseline_args(cfg.baseline_args), unwrapped=unwrapped)[0]
+
+
+def param_groups(cfg: TrainConfig, model) -> list[dict]:
+    """Trainable parameters as optimizer groups: the scheduler and the latency encoder at cfg.scheduler_lr when set,
+    everything else at cfg.lr. Names may carry a wrapper's prefix (DDP's module., FSDP's)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.scheduler_lr is None:
+        return [{"params": [p for _, p in trainable]}]
+    own = lambda n: any(part in ("scheduler", "latency_encoder") for part in n.split(".")[:3])  # noqa: E731
+    groups = [{"params": [p for n, p in trainable if not own(n)]},
+              {"params": [p for n, p in trainable if own(n)], "lr": cfg.scheduler_lr}]  # fmt: skip
+    return [g for g in groups if g["params"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +236,8 @@ def _build_model(cfg: TrainConfig, checkpoint_dir: Path | None):
         model, processor = presets.load(checkpoint_dir)
     elif cfg.init_from:
         model, processor = presets.load(project_path(cfg.init_from))
+    elif cfg.preset == "smol":  # SmolLM2-135M's real weights, a fresh vision tower (converted once per machine)
+        model, processor = presets.load("smol", seed=cfg.seed, **cfg.model_overrides)
     else:
         model, processor = presets.build_tiny(seed=cfg.seed, **cfg.model_overrides)
     if cfg.gumbel_tau is not None:  # read at every forward; saved with the checkpoint's config
@@ -339,6 +386,9 @@ def train_loop(config: dict) -> None:
         from adallava.lora import add_lora
 
         add_lora(model, **cfg.lora)
+    if cfg.freeze_language_model:  # LLaVA stage 1: the LM (and its tied lm_head) stays as it is
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -353,7 +403,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])  # budgets and Gumbel noise differ per worker
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(cfg, model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dataset = load_llava_json(config["train_json"], config["image_root"], on_bad=cfg.on_bad)
     accum = grad_accumulation(cfg, world)
     steps = total_steps(cfg, len(dataset), world)
@@ -361,11 +411,15 @@ def train_loop(config: dict) -> None:
         optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps
     )
     if cfg.min_lr_ratio > 0:  # cosine to a floor instead of 0
-        base = scheduler.lr_lambdas[0]
-        scheduler.lr_lambdas[0] = lambda s: max(base(s), cfg.min_lr_ratio) if s >= int(cfg.warmup_ratio * steps) else base(s)
+        base = scheduler.lr_lambdas[0]  # the same cosine for every parameter group
+        floor = lambda s: max(base(s), cfg.min_lr_ratio) if s >= int(cfg.warmup_ratio * steps) else base(s)  # noqa: E731
+        scheduler.lr_lambdas = [floor] * len(scheduler.lr_lambdas)
     if resume_dir is not None:
         saved = torch.load(resume_dir / OPTIM_FILE, weights_only=False)
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        # strict=False: a parameter that never had a gradient (e.g. the vision tower's last layer, whose output LLaVA
+        # does not read with vision_feature_layer=-2) has no AdamW state yet, exactly as in the uninterrupted run
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
         scheduler.load_state_dict(saved["scheduler"])
 
     collator = TrainCollator(processor, max_length=cfg.max_length)
@@ -384,7 +438,7 @@ def train_loop(config: dict) -> None:
             raise ValueError(f"val_every: none of the first {cfg.val_examples} validation records could be read")
         val_batch = {k: val_batch.get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         val_batch = {k: (v.to(device) if v is not None else None) for k, v in val_batch.items()}
-        val_budgets = [1.0] if cfg.stage == "base" else budget_grid(unwrapped.config)
+        val_budgets = budget_grid(unwrapped.config) if cfg.stage == "adapt" else [1.0]
     weights = None
     if cfg.loss_weights:
         from adallava.objective import LossWeights, adaptive_loss
@@ -424,7 +478,9 @@ def train_loop(config: dict) -> None:
             with model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext():
                 inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
                 with autocast:
-                    if weights is None:
+                    if cfg.stage in ("layerskip", "layerdrop"):
+                        loss = baseline_step_loss(cfg, _ConfiguredModel(model, unwrapped.config), unwrapped, inputs) / accum
+                    elif weights is None:
                         loss = model(**inputs, budget=budget).loss / accum
                     else:
                         loss = adaptive_loss(as_model, inputs, weights)[0] / accum
