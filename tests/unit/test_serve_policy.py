@@ -126,7 +126,8 @@ def test_controller_smooths_a_spike_and_holds_inside_the_hysteresis_band():
         t += 0.1
         c.observe(mid, t)
     held = c.decide()
-    assert held == budget_for_load(mid, p, CFG) or held <= budget_for_load(mid, p, CFG)
+    # coming up from the floor, the budget rises only to the band's level f((1 + h) * L), below f(L) here
+    assert held == budget_for_load(mid * (1 + CFG.hysteresis), p, CFG) < budget_for_load(mid, p, CFG)
     # small wiggles around this load do not move the budget up and down
     seen = set()
     for i in range(100):
@@ -277,7 +278,26 @@ def test_predicted_batch_cost_uses_the_largest_budget_and_sums_groups():
     c = BudgetController(p, CFG)
     one = predicted_batch_ms(p, [1.0], 8) + predicted_batch_ms(p, [0.5, 0.5], 4)
     c.observe_batch(2.0 * one, [([1.0], 8), ([0.5, 0.5], 4)])
-    assert c.ratios == [pytest.approx(2.0)] and c.batches_seen == 1
+    assert c.ratios == [1.0] * (CFG.slowdown_window - 1) + [pytest.approx(2.0)] and c.batches_seen == 1
+
+
+def test_a_cold_replica_trusts_its_profile_until_half_a_window_of_batches_disagrees():
+    """A fresh controller starts with the window full of 1.0 (the module docstring's promise): one slow first batch
+    (a warm-up or GC hiccup) moves neither the factor nor the budget at load 1; it takes more than half a window of
+    slow batches."""
+    p = profile()
+    c = BudgetController(p, CFG)
+    assert c.slowdown == 1.0 and c.ratios == [1.0] * CFG.slowdown_window
+    c.observe(1, 0.0)
+    assert c.decide() == 1.0
+    assert c.observe_batch(1e9, [([1.0], 8)]) == 1.0  # the very first batch is 10^9 ms
+    assert c.decide() == 1.0
+    slow = [c.observe_batch(10.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)]) for _ in range(CFG.slowdown_window)]
+    half = CFG.slowdown_window // 2
+    # counting the first one, half a window of slow batches ties the median (1 and 10 average), one more moves it
+    assert slow[: half - 2] == [1.0] * (half - 2)
+    assert slow[half - 2] == pytest.approx((1.0 + CFG.slowdown_max) / 2) and slow[half - 1] == CFG.slowdown_max
+    assert c.decide() < 1.0
 
 
 def test_slowdown_config_is_checked():
