@@ -250,7 +250,7 @@ def test_from_llava_wraps_a_plain_checkpoint(tmp_path, llama_layer):
     assert wrapped.config.granularity == "head" and wrapped.config.num_prefix_layers == 3
     base, ours = plain.state_dict(), wrapped.state_dict()
     assert all(torch.equal(base[k], ours[k]) for k in base)
-    assert wrapped.scheduler.mlp_head.weight.std() > 0
+    assert abs(float(wrapped.scheduler.mlp_head.weight.std()) - 0.02) < 0.005  # freshly drawn, std 0.02
     in_memory = AdaLlavaForConditionalGeneration.from_llava(plain)
     assert in_memory.config.num_prefix_layers == 4
     ours = in_memory.state_dict()
