@@ -29,12 +29,13 @@ test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml; equivalent mutants in
-# tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective, the Serve policy and modeling's
-# plan/cache paths, each run against the unit tests that cover it. Long (an hour or more on 2 cores): run it in the
-# background; `mutmut browse` shows a mutant's diff. Results stay in mutants/ and a rerun tests only what changed.
-MUTATE := 'adallava.budget.*' 'adallava.scheduler.*' 'adallava.objective.*' 'serve.policy.*' \
-	'adallava.modeling.x__rows*' 'adallava.modeling.x__full_weights*' 'adallava.modeling.x__sliced_weights*' \
-	'adallava.modeling.*ǁ_groups_for_layer*' 'adallava.modeling.*ǁ_run_layer*' \
+# tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective and the Serve policy, each run
+# against the fast unit tests that cover it. Long on 2 cores: run it in the background; `mutmut browse` shows a
+# mutant's diff. Results stay in mutants/ and a rerun tests only what changed. Modeling's plan/cache paths:
+# MUTATE_MODELING, with tests/unit/test_modeling*.py added to pytest_add_cli_args_test_selection (much slower).
+MUTATE := 'adallava.budget.*' 'adallava.scheduler.*' 'adallava.objective.*' 'serve.policy.*'
+MUTATE_MODELING := 'adallava.modeling.x__rows*' 'adallava.modeling.x__full_weights*' \
+	'adallava.modeling.x__sliced_weights*' 'adallava.modeling.*ǁ_groups_for_layer*' 'adallava.modeling.*ǁ_run_layer*' \
 	'adallava.modeling.*ǁresolve_budget*' 'adallava.modeling.*ǁlatency_token__*'
 mutate: venv
 	$(VENV)/bin/mutmut run $(MUTATE) || true
