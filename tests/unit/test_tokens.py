@@ -5,6 +5,7 @@ import torch
 
 from adallava import tokens
 from adallava.presets import build_tiny
+from powered import build_powered
 from test_modeling import QUESTIONS, batch, images, prompt
 
 BUDGETS = [0.5 + 5 / 32, 0.8, 1.0]  # head granularity: 1/32 steps
@@ -12,7 +13,8 @@ BUDGETS = [0.5 + 5 / 32, 0.8, 1.0]  # head granularity: 1/32 steps
 
 @pytest.fixture(scope="module")
 def base():
-    return build_tiny("head", "mistral")
+    """With power (tests/unit/powered.py): greedy tokens vary, so cached == uncached means something."""
+    return build_powered("head", "mistral")
 
 
 def variant(base, **overrides):
