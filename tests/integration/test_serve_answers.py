@@ -33,14 +33,12 @@ def noise_png(seed):
 
 
 @pytest.fixture(scope="module")
-def server():
-    import ray
+def server(ray_cluster):
     from ray import serve
 
     from serve.app import build_app
 
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model_name": "adallava-test", "seed": 0, "max_batch_size": 4, "min_replicas": 1, "max_replicas": 1,
@@ -52,7 +50,6 @@ def server():
     serve.run(build_app(args), name="adallava-answers", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -444,3 +444,43 @@ def test_allow_list_matching():
     assert not host_allowed("images.example.com.evil", allowed) and not host_allowed("", allowed)
     ok = Limits(fetch_images=True, allowed_image_hosts=allowed)
     assert check_image_url("https://a.cdn.org/x.png", "p", ok) == "https://a.cdn.org/x.png"
+
+
+def test_policy_config_edges_are_valid_settings_and_beyond_them_is_an_error():
+    ok = [dict(floor=0.5 - 1e-9), dict(floor=0.5, ceiling=0.5), dict(floor=1.0, ceiling=1.0), dict(hysteresis=0.0),
+          dict(slowdown_min=1.0), dict(slowdown_max=1.0), dict(slowdown_max=1.5), dict(slowdown_window=1)]  # fmt: skip
+    for kw in ok:
+        PolicyConfig(**kw).check((0.5, 1.0))
+    with pytest.raises(ValueError, match="ceiling=1.5"):
+        PolicyConfig(ceiling=1.5).check((0.5, 1.0))
+    with pytest.raises(ValueError, match=r"policy.hysteresis must be >= 0, got -0.1"):
+        PolicyConfig(hysteresis=-0.1).check((0.5, 1.0))
+
+
+def test_a_batch_that_decoded_nothing_costs_its_prefill():
+    p = profile()
+    assert predicted_batch_ms(p, [1.0], 0) == batch_ms(p, 1.0, 1, 1) == p.prefill_ms_1[-1]
+
+
+def test_a_zero_measurement_is_not_a_sample():
+    window = []
+    assert update_slowdown(window, 0.0, 10.0, CFG) == 1.0 and window == []
+
+
+def test_retry_after_is_the_excess_in_whole_seconds():
+    from dataclasses import replace
+
+    p = profile()
+    load = next(x for x in range(1, 10_000) if predicted_latency_ms(p, 0.5, x, CFG.tokens) > 5000)
+    predicted = predicted_latency_ms(p, 0.5, load, CFG.tokens)
+    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted)) is None  # exactly at the limit: admitted
+    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted - 10.0)) == 1  # 10 ms over: wait a second
+    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted - 3000.5)) == 4  # 3000.5 ms over: 4 s
+
+
+def test_every_batch_is_counted():
+    p = profile()
+    c = BudgetController(p, CFG)
+    for _ in range(3):
+        c.observe_batch(batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
+    assert c.batches_seen == 3
