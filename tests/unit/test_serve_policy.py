@@ -484,3 +484,15 @@ def test_every_batch_is_counted():
     for _ in range(3):
         c.observe_batch(batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
     assert c.batches_seen == 3
+
+
+def test_load_is_an_exponential_moving_average_with_its_time_constant():
+    from dataclasses import replace
+
+    import math
+
+    c = BudgetController(profile(), replace(CFG, smoothing_s=0.5))
+    assert c.decide() == 1.0  # nothing observed yet: an idle replica, full budget
+    c.observe(0, 100.0)
+    assert c.observe(10, 100.5) == pytest.approx(10 * (1 - math.exp(-1)))  # one time constant later
+    assert c.raw_load == 10.0
