@@ -496,3 +496,17 @@ def test_load_is_an_exponential_moving_average_with_its_time_constant():
     c.observe(0, 100.0)
     assert c.observe(10, 100.5) == pytest.approx(10 * (1 - math.exp(-1)))  # one time constant later
     assert c.raw_load == 10.0
+
+
+def test_the_hysteresis_band_uses_the_learned_slowdown_too():
+    p = profile()
+    c = BudgetController(p, CFG)
+    for _ in range(CFG.slowdown_window):
+        c.observe_batch(3.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
+    assert c.slowdown == pytest.approx(3.0)
+    c.observe(1000, 0.0)
+    assert c.decide() == 0.5
+    load = next(x for x in range(1, 400) if budget_for_load(x, p, CFG, 3.0) > budget_for_load(1.25 * x, p, CFG, 3.0)
+                and budget_for_load(1.25 * x, p, CFG, 1.0) > budget_for_load(1.25 * x, p, CFG, 3.0))  # fmt: skip
+    c.observe(load, 1000.0)  # a thousand time constants later: the smoothed load is `load`
+    assert c.decide() == budget_for_load(1.25 * load, p, CFG, 3.0)
