@@ -510,3 +510,43 @@ def test_the_hysteresis_band_uses_the_learned_slowdown_too():
                 and budget_for_load(1.25 * x, p, CFG, 1.0) > budget_for_load(1.25 * x, p, CFG, 3.0))  # fmt: skip
     c.observe(load, 1000.0)  # a thousand time constants later: the smoothed load is `load`
     assert c.decide() == budget_for_load(1.25 * load, p, CFG, 3.0)
+
+
+def test_cost_model_by_hand():
+    """batch_ms: the straight line between a batch of 1 and a full batch, prefill plus (tokens - 1) decode steps;
+    predicted_latency_ms: (load / B) batches ahead when the queue holds more than one batch, never fewer than one."""
+    p = LatencyProfile(budgets=[0.5, 1.0], max_batch_size=5, prefill_ms_1=[10.0, 20.0], prefill_ms_b=[30.0, 60.0],
+                       decode_ms_1=[1.0, 2.0], decode_ms_b=[3.0, 6.0])  # fmt: skip
+    assert batch_ms(p, 1.0, 1, 1) == 20.0 and batch_ms(p, 1.0, 1, 0) == 20.0
+    assert batch_ms(p, 1.0, 1, 4) == 20.0 + 3 * 2.0
+    assert batch_ms(p, 1.0, 5, 4) == 60.0 + 3 * 6.0
+    assert batch_ms(p, 1.0, 3, 4) == pytest.approx(40.0 + 3 * 4.0)  # halfway between 1 and 5
+    assert batch_ms(p, 0.5, 0.5, 2) == 10.0 + 1.0  # fewer than one request costs one
+    assert batch_ms(p, 0.75, 9, 1) == 30.0  # a budget runs as its grid level; more than B is a full batch
+    one = LatencyProfile(budgets=[1.0], max_batch_size=1, prefill_ms_1=[7.0], prefill_ms_b=[9.0], decode_ms_1=[1.0],
+                         decode_ms_b=[2.0])  # fmt: skip
+    assert batch_ms(one, 1.0, 1, 3) == 7.0 + 2 * 1.0  # B = 1: the batch-of-1 line
+    assert predicted_latency_ms(p, 1.0, 0.5, 4) == batch_ms(p, 1.0, 1, 4)
+    assert predicted_latency_ms(p, 1.0, 5, 4) == batch_ms(p, 1.0, 5, 4)
+    assert predicted_latency_ms(p, 1.0, 15, 4, slowdown=2.0) == 2.0 * 3 * batch_ms(p, 1.0, 5, 4)
+
+
+def test_profiles_are_checked_clipped_and_made_monotone():
+    with pytest.raises(ValueError, match="non-empty ascending"):
+        LatencyProfile(budgets=[1.0, 0.5], max_batch_size=2, prefill_ms_1=[1, 1], prefill_ms_b=[1, 1],
+                       decode_ms_1=[1, 1], decode_ms_b=[1, 1])  # fmt: skip
+    with pytest.raises(ValueError, match="non-empty ascending"):
+        LatencyProfile(budgets=[], max_batch_size=2, prefill_ms_1=[], prefill_ms_b=[], decode_ms_1=[], decode_ms_b=[])
+    with pytest.raises(ValueError, match="profile.decode_ms_b needs one value per budget"):
+        LatencyProfile(budgets=[0.5], max_batch_size=2, prefill_ms_1=[1], prefill_ms_b=[1], decode_ms_1=[1],
+                       decode_ms_b=[1, 2])  # fmt: skip
+    p = LatencyProfile(budgets=[0.5, 0.75, 1.0], max_batch_size=2, prefill_ms_1=[0.5, -3.0, 0.2],
+                       prefill_ms_b=[5.0, 4.0, 6.0], decode_ms_1=[1, 1, 1], decode_ms_b=[1, 1, 1])  # fmt: skip
+    assert p.prefill_ms_1 == [0.5, 0.5, 0.5] and p.prefill_ms_b == [5.0, 5.0, 6.0]  # clipped at 0, then cummax
+    assert [p.index(b) for b in (0.1, 0.5, 0.74, 0.75, 1.0)] == [0, 0, 0, 1, 2]
+
+
+def test_slowdown_is_the_median_of_odd_and_even_windows():
+    assert slowdown_factor([5.0, 1.0, 3.0, 2.0, 4.0], CFG) == 3.0
+    assert slowdown_factor([1.0, 2.0, 3.0], CFG) == 2.0
+    assert slowdown_factor([1.0, 2.0, 3.0, 7.0], CFG) == 2.5
