@@ -178,3 +178,23 @@ def test_expected_cost_equals_the_budget_when_units_cost_the_same(tiny):
     plan[0, :2] = 1
     cost = expected_plan_cost(model.config, plan)
     torch.testing.assert_close(cost, torch.tensor([6 / 8, 4 / 8]))
+
+
+def test_switch_costs_use_the_models_own_head_dim():
+    """A model whose head_dim is not hidden/heads (Gemma, Qwen3 style) costs its heads by its head_dim; a config
+    without head_dim falls back to hidden/heads."""
+    from types import SimpleNamespace as NS
+
+    def costs(**text):
+        return switch_costs(NS(text_config=NS(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                              intermediate_size=344, **text)))  # fmt: skip
+
+    def expected(d):
+        head = 2 * 128 * d + 2 * 128 * d * 2 / 4
+        group = 344 / 4 * 3 * 128
+        layer = 4 * head + 4 * group
+        return torch.tensor([[head / layer] * 4, [group / layer] * 4], dtype=torch.float64)
+
+    torch.testing.assert_close(costs(head_dim=16), expected(16))
+    torch.testing.assert_close(costs(), expected(32))
+    torch.testing.assert_close(costs(head_dim=None), expected(32))
