@@ -185,16 +185,18 @@ def test_switch_costs_use_the_models_own_head_dim():
     without head_dim falls back to hidden/heads."""
     from types import SimpleNamespace as NS
 
-    def costs(**text):
+    def costs(inter=344, **text):
         return switch_costs(NS(text_config=NS(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                              intermediate_size=344, **text)))  # fmt: skip
+                                              intermediate_size=inter, **text)))  # fmt: skip
 
-    def expected(d):
+    def expected(d, groups=(86, 86, 86, 86)):
         head = 2 * 128 * d + 2 * 128 * d * 2 / 4
-        group = 344 / 4 * 3 * 128
-        layer = 4 * head + 4 * group
-        return torch.tensor([[head / layer] * 4, [group / layer] * 4], dtype=torch.float64)
+        layer = 4 * head + 3 * 128 * sum(groups)
+        return torch.tensor([[head / layer] * 4, [g * 3 * 128 / layer for g in groups]], dtype=torch.float64)
 
-    torch.testing.assert_close(costs(head_dim=16), expected(16))
-    torch.testing.assert_close(costs(), expected(32))
-    torch.testing.assert_close(costs(head_dim=None), expected(32))
+    exact = dict(rtol=1e-13, atol=0)
+    torch.testing.assert_close(costs(head_dim=16), expected(16), **exact)
+    torch.testing.assert_close(costs(), expected(32), **exact)
+    torch.testing.assert_close(costs(head_dim=None), expected(32), **exact)
+    # 346 neurons in 4 groups: the first two hold one extra (87, 87, 86, 86)
+    torch.testing.assert_close(costs(inter=346), expected(32, (87, 87, 86, 86)), **exact)
