@@ -123,3 +123,29 @@ def test_latency_encoder_shapes_and_sensitivity():
     assert out.shape == (3, 32)
     assert (out[0] - out[2]).abs().max() > 0.05 and (out[1] - out[2]).abs().max() > 0.05
     assert sum(p.numel() for p in enc.parameters()) == 2 * 256 + 256 * 32 + 32 + 32 * 32 + 32
+
+
+def test_latency_encoder_is_sinusoid_layernorm_linear_gelu_linear():
+    """The encoder's output by hand (spec 1.3), for three quantised budgets."""
+    import math
+
+    torch.manual_seed(0)
+    enc = LatencyEncoder(hidden_size=32, embed_dim=256)
+    q = torch.tensor([0.0, 0.5, 16 / 17], dtype=torch.float64)
+    freq = 1.0 / (10000 ** (torch.arange(128, dtype=torch.float32) / 128))
+    v = q.float()[:, None] * (2 * math.pi) * freq
+    e = torch.cat([v.sin(), v.cos()], -1)
+    ln, l1, l2 = enc.net[0], enc.net[1], enc.net[3]
+    expected = l2(F.gelu(l1(F.layer_norm(e, (256,), ln.weight, ln.bias, ln.eps))))
+    torch.testing.assert_close(enc(q), expected)
+    assert enc.embed_dim == 256 and len(enc.net) == 4
+
+
+def test_scheduler_heads_have_one_logit_per_layer_or_per_switch():
+    assert Scheduler(16, 4, 8, "layer").mlp_head.out_features == 4
+    assert Scheduler(16, 4, 8, "head").mlp_head.out_features == 4 * 2 * 8
+
+
+def test_an_empty_batch_gets_an_empty_plan():
+    plan = sample_layer_plan(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 5.0, stochastic=False)
+    assert plan.shape == (0, 4)
