@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv smol
+.PHONY: demo test bench venv smol mutate
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,19 @@ smol: venv
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Mutation testing of the method's core ([tool.mutmut] in pyproject.toml; equivalent mutants in
+# tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective and the Serve policy, each run
+# against the fast unit tests that cover it. Long on 2 cores: run it in the background; `mutmut browse` shows a
+# mutant's diff. Results stay in mutants/ and a rerun tests only what changed. Modeling's plan/cache paths:
+# MUTATE_MODELING, with tests/unit/test_modeling*.py added to pytest_add_cli_args_test_selection (much slower).
+MUTATE := 'adallava.budget.*' 'adallava.scheduler.*' 'adallava.objective.*' 'serve.policy.*'
+MUTATE_MODELING := 'adallava.modeling.x__rows*' 'adallava.modeling.x__full_weights*' \
+	'adallava.modeling.x__sliced_weights*' 'adallava.modeling.*ǁ_groups_for_layer*' 'adallava.modeling.*ǁ_run_layer*' \
+	'adallava.modeling.*ǁresolve_budget*' 'adallava.modeling.*ǁlatency_token__*'
+mutate: venv
+	$(VENV)/bin/mutmut run $(MUTATE) || true
+	$(PY) tests/mutation/score.py
 
 # Benchmarks (never run as tests): each writes bench/results/<name>.json + .png and prints a table.
 bench: venv

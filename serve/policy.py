@@ -225,7 +225,9 @@ class BudgetController:
         self.raw_load = 0.0
         self.budget = levels(profile, cfg)[-1]
         self._t: float | None = None
-        self.ratios: list[float] = []  # the last slowdown_window measured/predicted batch ratios (clipped)
+        # the last slowdown_window measured/predicted batch ratios (clipped), seeded full of 1.0: trust the profile
+        # until more than half a window of batches says otherwise (one slow first batch must not move the factor)
+        self.ratios: list[float] = [1.0] * cfg.slowdown_window
         self.slowdown = 1.0
         self.batches_seen = 0
 

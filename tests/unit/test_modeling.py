@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 from adallava.modeling import IGNORE_INDEX, AdaLlavaForConditionalGeneration
-from adallava.presets import build_tiny, load
+from adallava.budget import encoder_input
+from adallava.presets import load
+from powered import build_powered, distinct_tokens
 
 ARCHS = [("layer", "llama"), ("head", "llama"), ("layer", "mistral"), ("head", "mistral"), ("layer", "qwen2"),
          ("head", "qwen2")]  # fmt: skip
@@ -30,7 +32,8 @@ def batch(processor, n=3):
 
 @pytest.fixture(scope="module", params=ARCHS, ids=lambda a: f"{a[0]}-{a[1]}")
 def tiny(request):
-    return build_tiny(*request.param)
+    """A tiny model with power (tests/unit/powered.py): its greedy tokens vary, so token equalities mean something."""
+    return build_powered(*request.param)
 
 
 def mixed_budgets(model):
@@ -95,8 +98,38 @@ def test_cached_generation_equals_uncached(tiny):
     kwargs = dict(budget=mixed_budgets(model), max_new_tokens=8, return_dict_in_generate=True)
     cached = model.generate(**inputs, **kwargs)
     uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert min(distinct_tokens(cached.sequences[:, -8:])) >= 4  # the fixture has power: no one-token loops
     assert torch.equal(cached.sequences, uncached.sequences)
     assert torch.equal(cached.plan, uncached.plan)
+
+
+def test_the_plan_depends_on_the_budget_through_the_latency_token(tiny, monkeypatch):
+    """The scheduler reads a latency token that encodes the request's own budget (spec 1.3-1.5): the encoder gets
+    encoder_input(b) of each row, and the hidden state the scheduler reads, hence its logits, changes with b."""
+    model, processor = tiny
+    inputs = batch(processor)
+    budgets = mixed_budgets(model)
+    seen = {}
+    encode = model.latency_encoder.forward
+    monkeypatch.setattr(model.latency_encoder, "forward", lambda q: seen.setdefault("q", q) is not None and encode(q))
+    head = model.scheduler.logits
+    monkeypatch.setattr(model.scheduler, "logits", lambda x: seen.setdefault("logits", head(x)))
+    with torch.no_grad():
+        model(**inputs, budget=budgets)
+    expected = encoder_input(torch.tensor(budgets, dtype=torch.float64), model.config)
+    torch.testing.assert_close(seen["q"], expected, rtol=0, atol=0)
+    assert len(set(expected.tolist())) == 3  # three different budgets encode as three different tokens
+    # the same prompt at two budgets: the scheduler's logits differ (the token is read), the prompt does not
+    one = {k: v[:1].repeat(2, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
+    seen.clear()
+    with torch.no_grad():
+        model(**one, budget=[budgets[1], 1.0])
+    logits = seen["logits"]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+    seen.clear()
+    with torch.no_grad():
+        model(**one, budget=[1.0, 1.0])
+    torch.testing.assert_close(seen["logits"][0], seen["logits"][1])
 
 
 def test_mixed_budget_batch_equals_one_by_one(tiny):

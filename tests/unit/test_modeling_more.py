@@ -5,19 +5,20 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from adallava.modeling import IGNORE_INDEX, AdaLlavaForConditionalGeneration, DecodeState
-from adallava.presets import build_tiny, load
+from adallava.presets import load
+from powered import build_powered
 
 from test_modeling import QUESTIONS, batch, images, prompt
 
 
 @pytest.fixture(scope="module")
 def llama_layer():
-    return build_tiny("layer", "llama")
+    return build_powered("layer", "llama")
 
 
 @pytest.fixture(scope="module")
 def mistral_head():
-    return build_tiny("head", "mistral")
+    return build_powered("head", "mistral")
 
 
 def test_latency_token_goes_after_the_last_prompt_token_in_training(llama_layer):
@@ -48,22 +49,42 @@ def test_right_padded_prompts_generate_like_left_padded(llama_layer):
     assert torch.equal(left[:, -6:], right[:, -6:])
 
 
-def test_skipped_layers_hold_no_cache_and_sliced_layers_only_kept_heads(mistral_head):
-    """GQA (4 query heads, 2 KV heads): a kept query head always brings its own KV head, and no other."""
-    model, processor = mistral_head
+def _prefill_and_one_decode_step(model, processor, budget):
+    """Run a prefill and one decode step through decode() with a DecodeState -> (state, prompt length)."""
     inputs = processor(images=images(1), text=prompt(processor, QUESTIONS[0]), return_tensors="pt")
     with torch.no_grad():
         embeds = model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
-        budget = torch.tensor([0.5 + 6 / 32], dtype=torch.float64)
+        budget = torch.tensor([budget], dtype=torch.float64)
         h, mask, _, pos = model.insert_latency_token(embeds, inputs["attention_mask"], None, model.latency_token(budget))
-        state = DecodeState(capacity=h.shape[1] + 2, key_valid=torch.ones(1, h.shape[1] + 2, dtype=torch.bool))
-        model.decode(h, state.key_valid, (mask.cumsum(-1) - 1), budget, pos, state=state)
+        T = h.shape[1]
+        state = DecodeState(capacity=T + 2, key_valid=torch.zeros(1, T + 2, dtype=torch.bool))
+        state.key_valid[:, :T] = True
+        position_ids = mask.cumsum(-1) - 1
+        hidden, _ = model.decode(h, state.key_valid, position_ids, budget, pos, state=state)
+        token = model.lm_head(hidden[:, -1]).argmax(-1)
+        state.key_valid[:, T] = True
+        model.decode(model.get_input_embeddings()(token)[:, None], state.key_valid, position_ids[:, -1:] + 1, budget,
+                     state=state)  # fmt: skip
+    return state, T
+
+
+@pytest.mark.parametrize("budget", [0.5 + 1 / 32, 0.5 + 6 / 32])
+def test_skipped_layers_hold_no_cache_and_sliced_layers_only_kept_heads(mistral_head, budget):
+    """GQA (4 query heads, 2 KV heads): a kept query head always brings its own KV head, and no other. A layer the
+    plan skips holds no group and no cache; every layer that runs wrote its K/V for the decoded token too."""
+    model, processor = mistral_head
+    state, T = _prefill_and_one_decode_step(model, processor, budget)
     P = model.config.num_prefix_layers
+    heads_per_layer = [int(state.plan[0, i - P, 0].sum()) for i in range(P, model.config.num_layers)]
+    assert sum(heads_per_layer) == round((budget - 0.5) * 32)  # one head + one MLP group per unit
+    skipped = [i for i in range(P, model.config.num_layers) if heads_per_layer[i - P] == 0]
+    if budget < 0.55:
+        assert len(skipped) == 3  # one unit: three of the four schedulable layers are skipped
     for i in range(P, model.config.num_layers):
         heads_on = state.plan[0, i - P, 0].nonzero().flatten()
         groups = state.groups[i]
-        if len(heads_on) == 0:
-            assert groups == [] or all(g.k is None for g in groups)
+        if i in skipped:
+            assert groups == []
             continue
         (g,) = groups
         kv_needed = torch.unique(heads_on // 2)
@@ -71,6 +92,25 @@ def test_skipped_layers_hold_no_cache_and_sliced_layers_only_kept_heads(mistral_
         assert g.weights.q_w.shape[0] == len(heads_on) * 32  # head_dim 32: sliced, not masked
         neurons = sum(model._neuron_group_sizes[j] for j in state.plan[0, i - P, 1].nonzero().flatten().tolist())
         assert g.weights.g_w.shape[0] == neurons
+        written = g.k.abs().sum((0, 1, 3)) > 0  # per slot
+        assert written.tolist() == [True] * (T + 1) + [False]  # prompt + the decoded token, not the free slot
+    for i in range(P):  # prefix layers always run and cache every slot used
+        assert (state.groups[i][0].k.abs().sum((0, 1, 3)) > 0).tolist() == [True] * (T + 1) + [False]
+
+
+def test_skipped_layers_write_no_cache_at_layer_granularity(llama_layer):
+    model, processor = llama_layer
+    state, T = _prefill_and_one_decode_step(model, processor, 0.75)  # 2 of the 4 schedulable layers run
+    P = model.config.num_prefix_layers
+    runs = state.plan[0, :, 0, 0].bool().tolist()
+    assert sum(runs) == 2
+    for i in range(P, model.config.num_layers):
+        if not runs[i - P]:
+            assert state.groups[i] == []
+        else:
+            (g,) = state.groups[i]
+            assert g.rows is None and g.k.shape == (1, 4, T + 2, 32)
+            assert (g.k.abs().sum((0, 1, 3)) > 0).tolist() == [True] * (T + 1) + [False]
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(llama_layer):
@@ -127,10 +167,15 @@ def test_generate_errors_are_clear(llama_layer):
 
 
 def test_text_only_requests_work(llama_layer):
+    """No image: the first generated token is the forward pass's greedy choice at the same budget."""
     model, processor = llama_layer
     inputs = processor(text=[prompt(processor, "Is the sky blue?", image=False)], return_tensors="pt")
-    out = model.generate(**inputs, budget=0.75, max_new_tokens=3, return_dict_in_generate=True)
-    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + out.num_generated[0]
+    out = model.generate(**inputs, budget=0.75, max_new_tokens=3, eos_token_id=-1, return_dict_in_generate=True)
+    with torch.no_grad():
+        logits = model(**inputs, budget=0.75).logits
+    T = inputs["input_ids"].shape[1]
+    assert out.num_generated.tolist() == [3] and out.sequences.shape == (1, T + 3)
+    assert out.sequences[0, T] == logits[0, -1].argmax()
 
 
 def test_sampling_is_reproducible_with_a_generator(llama_layer):
@@ -138,10 +183,58 @@ def test_sampling_is_reproducible_with_a_generator(llama_layer):
     inputs = batch(processor)
     runs = [
         model.generate(**inputs, budget=0.75, max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9,
-                       top_k=50, generator=torch.Generator().manual_seed(3))
-        for _ in range(2)
+                       top_k=50, generator=torch.Generator().manual_seed(seed))
+        for seed in (3, 3, 4)
     ]  # fmt: skip
     assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])  # another seed, other draws: sampling samples
+    greedy = model.generate(**inputs, budget=0.75, max_new_tokens=6)
+    assert not torch.equal(runs[0], greedy)
+
+
+def test_sampling_follows_the_distribution():
+    """do_sample draws from softmax(logits / temperature), restricted to the top_k tokens and to the smallest set
+    whose mass reaches top_p. 8000 draws: 4 standard errors <= 0.023."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -2.0]])
+    n = 8000
+    many = logits.expand(n, -1)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        kw = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw}
+        tokens = AdaLlavaForConditionalGeneration._next_token(many, True, generator=g, **kw)
+        return torch.bincount(tokens, minlength=6).float() / n
+
+    torch.testing.assert_close(freq(), logits[0].softmax(-1), atol=0.023, rtol=0)
+    torch.testing.assert_close(freq(temperature=2.0), (logits[0] / 2).softmax(-1), atol=0.023, rtol=0)
+    top2 = torch.zeros(6)
+    top2[:2] = logits[0, :2].softmax(-1)
+    torch.testing.assert_close(freq(top_k=2), top2, atol=0.023, rtol=0)
+    p = logits[0].softmax(-1)  # 0.55, 0.20, 0.12, ...: top_p=0.7 keeps the first two (0.55 < 0.7 <= 0.75)
+    assert p[0] < 0.7 <= p[0] + p[1]
+    torch.testing.assert_close(freq(top_p=0.7), top2, atol=0.023, rtol=0)
+    assert AdaLlavaForConditionalGeneration._next_token(many[:4], False, 1.0, 0, 1.0, g).tolist() == [0] * 4
+    assert AdaLlavaForConditionalGeneration._next_token(many[:4], True, 0.0, 0, 1.0, g).tolist() == [0] * 4
+
+
+def test_training_draws_one_budget_per_sample(llama_layer):
+    """No budget in training: each sample gets its own random step of the grid (spec 2.5), and its own plan size."""
+    model, processor = llama_layer
+    inputs = processor(images=images(1) * 12, text=[prompt(processor, QUESTIONS[0])] * 12, return_tensors="pt")
+    model.train()
+    try:
+        torch.manual_seed(11)
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        model.eval()
+    torch.manual_seed(11)
+    from adallava.budget import sample_training_budgets
+
+    expected = sample_training_budgets(12, model.config)
+    assert torch.equal(out.budget, expected) and len(set(expected.tolist())) >= 3
+    layers_run = out.plan[:, :, 0, 0].sum(1)
+    assert layers_run.tolist() == ((expected - 0.5) * 8).round().tolist()
 
 
 def test_from_llava_wraps_a_plain_checkpoint(tmp_path, llama_layer):
@@ -157,13 +250,20 @@ def test_from_llava_wraps_a_plain_checkpoint(tmp_path, llama_layer):
     assert wrapped.config.granularity == "head" and wrapped.config.num_prefix_layers == 3
     base, ours = plain.state_dict(), wrapped.state_dict()
     assert all(torch.equal(base[k], ours[k]) for k in base)
-    assert wrapped.scheduler.mlp_head.weight.std() > 0
+    assert abs(float(wrapped.scheduler.mlp_head.weight.std()) - 0.02) < 0.005  # freshly drawn, std 0.02
     in_memory = AdaLlavaForConditionalGeneration.from_llava(plain)
     assert in_memory.config.num_prefix_layers == 4
-    # budget 1.0 on the wrapped model = the plain LLaVA's language model on the same embeddings
+    ours = in_memory.state_dict()
+    assert all(torch.equal(base[k], ours[k]) for k in base)
+    # budget 1.0 on the wrapped model = the plain LLaVA on the same inputs, apart from the latency token (appended
+    # after the prompt, so every prompt position's logits are the plain model's)
     inputs = batch(processor)
     with torch.no_grad():
         full = in_memory(**inputs, budget=1.0)
-    assert full.logits.shape[1] == inputs["input_ids"].shape[1] + 1
+        reference = plain.eval()(**inputs).logits
+    T = inputs["input_ids"].shape[1]
+    assert full.logits.shape[1] == T + 1 and full.plan.min() == 1.0
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(full.logits[:, :T][valid], reference[valid], rtol=1e-4, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load(tmp_path / "nowhere")

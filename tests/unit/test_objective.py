@@ -4,14 +4,20 @@ import pytest
 import torch
 
 from adallava import budget as budget_mod
-from adallava.objective import LossWeights, adaptive_loss, expected_plan_cost, per_sample_ce, sample_budgets
-from adallava.presets import build_tiny
+from adallava.objective import (LossWeights, adaptive_loss, expected_plan_cost, per_sample_ce, sample_budgets,
+                                switch_costs)
+from powered import build_powered
 from test_modeling import batch
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_tiny("layer")
+    return build_powered("layer")
+
+
+@pytest.fixture(scope="module")
+def tiny_head():
+    return build_powered("head", "mistral")
 
 
 def train_batch(processor):
@@ -58,17 +64,111 @@ def test_per_sample_ce_ignores_unlabelled_samples():
     assert n.tolist() == [2, 0]
 
 
-def test_distillation_and_latency_terms_add_and_backpropagate(tiny):
+def _same_draws(model, inputs, seed):
+    """The budgets and the student's forward adaptive_loss draws with generator seed `seed` (budgets first)."""
+    g = torch.Generator().manual_seed(seed)
+    b = budget_mod.sample_training_budgets(inputs["input_ids"].shape[0], model.config, generator=g)
+    return b, model(**inputs, budget=b, generator=g)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0, -1.0])
+def test_gamma_weights_each_samples_loss_by_its_budget(tiny, gamma):
+    """lm = mean_b[b ** gamma * CE_b] over the samples' own budgets: gamma > 0 shrinks the low-budget samples' share,
+    gamma < 0 grows it."""
     model, processor = tiny
     inputs = train_batch(processor)
     model.train()
+    try:
+        loss, parts = adaptive_loss(model, inputs, LossWeights(gamma=gamma), generator=torch.Generator().manual_seed(5))
+        b, out = _same_draws(model, inputs, 5)
+        ce, _ = per_sample_ce(out.logits, out.labels)
+    finally:
+        model.eval()
+    assert len(set(b.tolist())) > 1  # the draws mix budgets, so the weighting is visible
+    torch.testing.assert_close(loss, (b.float() ** gamma * ce).mean())
+    plain = ce.mean()
+    assert (loss < plain) if gamma > 0 else (loss > plain)
+    assert parts["loss"] == pytest.approx(parts["lm"]) == pytest.approx(float(loss.detach()))
+
+
+def test_distillation_is_the_kl_from_the_full_budget_teacher(tiny):
+    """distill * KL(full-budget model || sampled plan) on the answer tokens, with the teacher at budget 1.0 whatever
+    budget the student drew; the term is added to the loss with its weight."""
+    model, processor = tiny
+    inputs = train_batch(processor)
+    model.train()
+    try:
+        loss, parts = adaptive_loss(model, inputs, LossWeights(distill=0.5, distill_temperature=2.0),
+                                    generator=torch.Generator().manual_seed(6))  # fmt: skip
+        b, out = _same_draws(model, inputs, 6)
+        with torch.no_grad():
+            teacher = model(**inputs, budget=1.0)
+    finally:
+        model.eval()
+    assert b.max() < 1.0  # every student runs a reduced plan, so teacher and student differ
+    t = 2.0
+    mask = out.labels[:, 1:] != -100
+    p = torch.log_softmax(teacher.logits[:, :-1].float() / t, -1)
+    q = torch.log_softmax(out.logits[:, :-1].float() / t, -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    expected = (kl * mask).sum() / mask.sum() * t * t
+    assert float(expected) > 1e-3
+    assert parts["distill"] == pytest.approx(float(expected), rel=1e-4)
+    assert parts["loss"] == pytest.approx(parts["lm"] + 0.5 * parts["distill"], rel=1e-6)
+    torch.testing.assert_close(loss, out.loss.new_tensor(parts["lm"]) + 0.5 * expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift,expected", [(0.1, 0.1), (-0.1, 0.0)])
+def test_latency_term_is_the_plan_cost_above_the_budget(tiny_head, monkeypatch, shift, expected):
+    """latency * mean_b[relu(expected plan cost - b)]: a plan that costs 0.1 more than its budget adds 0.1 times
+    the weight; one that costs less adds nothing (relu), and the term sends gradient to the scheduler."""
+    from adallava import objective
+
+    model, processor = tiny_head
+    real = objective.expected_plan_cost
+    monkeypatch.setattr(objective, "expected_plan_cost", lambda cfg, plan: real(cfg, plan) + shift)
+    inputs = train_batch(processor)
+    model.train()
     model.zero_grad()
-    loss, parts = adaptive_loss(model, inputs, LossWeights(distill=1.0, latency=1.0, gamma=1.0))
-    loss.backward()
-    model.eval()
-    assert parts["distill"] >= 0 and parts["latency"] >= 0
-    assert parts["loss"] == pytest.approx(parts["lm"] + parts["distill"] + parts["latency"], rel=1e-5)
-    assert model.latency_encoder.net[1].weight.grad.abs().sum() > 0
+    try:
+        loss, parts = adaptive_loss(model, inputs, LossWeights(latency=3.0), generator=torch.Generator().manual_seed(7))
+        b, out = _same_draws(model, inputs, 7)
+        # the cost of a sampled plan is its budget: every unit costs the same share of a layer
+        torch.testing.assert_close(real(model.config, out.plan).double(), b, rtol=0, atol=2e-3)
+        loss.backward()
+    finally:
+        model.eval()
+    assert parts["latency"] == pytest.approx(expected, abs=2e-3)
+    assert parts["loss"] == pytest.approx(parts["lm"] + 3.0 * parts["latency"], rel=1e-6)
+    grad = model.scheduler.mlp_head.weight.grad
+    lm_only = None
+    model.train()
+    model.zero_grad()
+    try:
+        adaptive_loss(model, inputs, LossWeights(), generator=torch.Generator().manual_seed(7))[0].backward()
+        lm_only = model.scheduler.mlp_head.weight.grad
+    finally:
+        model.eval()
+        model.zero_grad()
+    differs = not torch.allclose(grad, lm_only)
+    assert differs == (expected > 0)  # the term reaches the scheduler exactly when it is active
+
+
+def test_head_granularity_switch_costs_by_hand(tiny_head):
+    """A head: q and o projections plus its share of k and v; an MLP group: its neurons' gate, up and down rows.
+    Normalised so a whole layer costs 1; a plan's cost counts the prefix as always run."""
+    model, _ = tiny_head
+    cfg = model.config
+    D, H, kv, d, inter = 128, 4, 2, 32, 344  # tiny Mistral: hidden 128, 4 heads, 2 KV heads, head_dim 32
+    head = 2 * D * d + 2 * D * d * kv / H
+    group = inter / H * 3 * D
+    layer = H * head + 3 * D * inter
+    c = switch_costs(cfg)
+    torch.testing.assert_close(c, torch.tensor([[head / layer] * H, [group / layer] * H], dtype=torch.float64))
+    plan = torch.zeros(1, cfg.num_schedulable_layers, 2, H)
+    plan[0, 0, 0, :2] = 1  # two heads of the first schedulable layer, no MLP
+    cost = expected_plan_cost(cfg, plan)
+    torch.testing.assert_close(cost, torch.tensor([(4 + 2 * head / layer) / 8], dtype=torch.float32))
 
 
 def test_expected_cost_equals_the_budget_when_units_cost_the_same(tiny):
@@ -78,3 +178,25 @@ def test_expected_cost_equals_the_budget_when_units_cost_the_same(tiny):
     plan[0, :2] = 1
     cost = expected_plan_cost(model.config, plan)
     torch.testing.assert_close(cost, torch.tensor([6 / 8, 4 / 8]))
+
+
+def test_switch_costs_use_the_models_own_head_dim():
+    """A model whose head_dim is not hidden/heads (Gemma, Qwen3 style) costs its heads by its head_dim; a config
+    without head_dim falls back to hidden/heads."""
+    from types import SimpleNamespace as NS
+
+    def costs(inter=344, **text):
+        return switch_costs(NS(text_config=NS(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                              intermediate_size=inter, **text)))  # fmt: skip
+
+    def expected(d, groups=(86, 86, 86, 86)):
+        head = 2 * 128 * d + 2 * 128 * d * 2 / 4
+        layer = 4 * head + 3 * 128 * sum(groups)
+        return torch.tensor([[head / layer] * 4, [g * 3 * 128 / layer for g in groups]], dtype=torch.float64)
+
+    exact = dict(rtol=1e-13, atol=0)
+    torch.testing.assert_close(costs(head_dim=16), expected(16), **exact)
+    torch.testing.assert_close(costs(), expected(32), **exact)
+    torch.testing.assert_close(costs(head_dim=None), expected(32), **exact)
+    # 346 neurons in 4 groups: the first two hold one extra (87, 87, 86, 86)
+    torch.testing.assert_close(costs(inter=346), expected(32, (87, 87, 86, 86)), **exact)

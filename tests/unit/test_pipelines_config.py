@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import EvalConfig, TrainConfig, load_config, parse_overrides
-from pipelines.train import batches_per_epoch, grad_accumulation, micro_batch_indices, total_steps
+from pipelines.train import (_gather_bad_records, batches_per_epoch, grad_accumulation, merge_bad_record_reports,
+                             micro_batch_indices, total_steps)
 
 CONFIGS = sorted((Path(__file__).parents[2] / "pipelines" / "configs").glob("*.yaml"))
 
@@ -98,3 +99,42 @@ def test_data_position_resumes_exactly():
     assert not r0 & r1 and len(r0) == len(r1) == 24
     with pytest.raises(ValueError, match="micro_batch_size"):
         next(micro_batch_indices(3, 4, 2, 0, 0, 0))
+
+
+def _worker(counts, examples, total=100, dropped=0):
+    return {"report": {"total": total, "counts": counts, "examples": examples},
+            "collator": {"counts": {"dropped": dropped}, "examples": {}}}  # fmt: skip
+
+
+def test_every_workers_bad_records_reach_the_run_report():
+    """Read-time reasons are found by every worker (the whole file): counted once. Decode-time reasons (bad_image) are
+    found only by the worker whose batch held the record: summed over workers, examples merged without repeats.
+    Collator drops are summed."""
+    read = {"missing_image": 2}
+    rank0 = _worker({**read, "bad_image": 1}, {"missing_image": ["a", "b"], "bad_image": ["x"]}, dropped=1)
+    rank1 = _worker({**read, "bad_image": 2}, {"missing_image": ["a", "b"], "bad_image": ["y", "x"]}, dropped=0)
+    rank2 = _worker(dict(read), {"missing_image": ["a", "b"]}, dropped=3)
+    merged = merge_bad_record_reports([rank0, rank1, rank2])
+    assert merged["counts"] == {"missing_image": 2, "bad_image": 3}
+    assert merged["examples"] == {"missing_image": ["a", "b"], "bad_image": ["x", "y"]}
+    assert merged["skipped"] == 5 and merged["total_records"] == 100 and merged["collator_dropped"] == 4
+    # a reason rank 0 never saw still arrives from another worker; examples are capped at 5
+    many = _worker({"bad_image": 7}, {"bad_image": [f"i{j}" for j in range(7)]})
+    merged = merge_bad_record_reports([_worker({}, {}), many])
+    assert merged["counts"] == {"bad_image": 7} and merged["examples"]["bad_image"] == ["i0", "i1", "i2", "i3", "i4"]
+
+
+def test_a_single_worker_reports_its_own_counts():
+    class Report:
+        def as_dict(self):
+            return {"total": 4, "counts": {"bad_image": 1}, "examples": {"bad_image": ["z"]}}
+
+    class Dataset:
+        report = Report()
+
+    class Collator:
+        dropped = 2
+
+    merged = _gather_bad_records(Dataset(), Collator(), world_size=1)
+    assert merged == {"total_records": 4, "skipped": 1, "counts": {"bad_image": 1}, "examples": {"bad_image": ["z"]},
+                      "collator_dropped": 2}  # fmt: skip

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from adallava.scheduler import LatencyEncoder, Scheduler, sample_head_plan, sample_layer_plan
+import torch.nn.functional as F
+
+from adallava.scheduler import LatencyEncoder, Scheduler, _gumbel, sample_head_plan, sample_layer_plan
 
 
 @pytest.mark.parametrize("stochastic", [True, False])
@@ -63,10 +65,55 @@ def test_straight_through_gradient_reaches_the_scheduler(granularity):
     assert sched.mlp_head.weight.grad.abs().sum() > 0
 
 
-def test_no_gradient_when_no_unit_is_scheduled():
-    sched = Scheduler(hidden_size=16, num_schedulable_layers=4, num_switches=4, granularity="layer")
-    plan, _ = sched(torch.randn(2, 16), torch.tensor([0, 0]), group_size=1, tau=5.0, stochastic=True)
-    assert plan.sum() == 0 and not plan.requires_grad
+def test_straight_through_gradient_is_the_softmax_gradient_of_the_same_draw():
+    """One Gumbel-softmax pick (k=1): the forward value is the one-hot argmax of (logits + g) and the gradient is
+    that of softmax((logits + g) / tau), with g the same noise (replayed from the same generator)."""
+    tau = 2.0
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.0]], requires_grad=True)
+    plan = sample_layer_plan(logits, torch.tensor([1]), tau, stochastic=True, generator=torch.Generator().manual_seed(4))
+    w = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.0]])
+    (plan * w).sum().backward()
+    g = _gumbel(logits.detach(), torch.Generator().manual_seed(4))
+    z = logits.detach() + g
+    assert plan.detach().tolist() == [F.one_hot(z.argmax(-1), 5).float().tolist()[0]]
+    s = (z / tau).softmax(-1)[0]
+    jacobian = (torch.diag(s) - s[:, None] * s[None, :]) / tau  # d softmax_i / d logit_j
+    torch.testing.assert_close(logits.grad[0], w[0] @ jacobian)
+    # the direction training relies on: raising the weight of the chosen layer raises its logit's gradient
+    chosen = int(z.argmax())
+    assert logits.grad[0, chosen] > 0 if w[0, chosen] > (w[0] * s).sum() else logits.grad[0, chosen] <= 0
+
+
+def test_training_sampler_keeps_the_highest_scored_layers_as_often_as_softmax_says():
+    """Gumbel-max sampling (spec 2.2): the first layer picked is layer i with probability softmax(logits)_i, so
+    training favours the same layers inference keeps (top-k). 4000 draws: 4 standard errors <= 0.032."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    n = 4000
+    g = torch.Generator().manual_seed(0)
+    freq = sample_layer_plan(logits.expand(n, -1), torch.ones(n, dtype=torch.long), 5.0, True, g).mean(0)
+    torch.testing.assert_close(freq, logits.softmax(-1), atol=0.032, rtol=0)
+    assert freq[0] > freq[1] > freq[2] > freq[3]
+    # two layers out of five: the top-2 of inference is also the most frequent pair in training
+    freq2 = sample_layer_plan(logits.expand(n, -1), torch.full((n,), 2), 5.0, True, g).mean(0)
+    assert set(freq2.topk(2).indices.tolist()) == set(logits.topk(2).indices.tolist()) == {0, 1}
+    assert freq2[0] > 0.8 and freq2[4] < 0.05
+
+
+def test_training_head_sampler_picks_layers_and_heads_by_their_scores():
+    """AdaLLaVA-H: the layer of a unit is drawn by a Gumbel-softmax over every switch's logit, then its heads by
+    Gumbel-top-k: with one clearly best layer and head, training picks them about as often as softmax says."""
+    logits = torch.zeros(3, 2, 4)
+    logits[1, 0, 2] = 4.0  # layer 1, head 2 is the best switch of the model
+    e4 = torch.exp(torch.tensor(4.0))
+    p_layer1 = float((e4 + 7) / (e4 + 23))  # 3 layers x 8 switches
+    n = 4000
+    g = torch.Generator().manual_seed(0)
+    plan = sample_head_plan(logits.expand(n, -1, -1, -1), torch.ones(n, dtype=torch.long), 1, 5.0, True, g)
+    freq_layer = plan[:, :, 0].sum(-1).mean(0)  # [3]
+    assert abs(float(freq_layer[1]) - p_layer1) < 0.03
+    assert freq_layer[1] > freq_layer[0] and freq_layer[1] > freq_layer[2]
+    heads = plan[:, 1, 0].sum(0)
+    assert heads.argmax() == 2 and heads[2] / heads.sum() > 0.8
 
 
 def test_latency_encoder_shapes_and_sensitivity():
@@ -74,5 +121,31 @@ def test_latency_encoder_shapes_and_sensitivity():
     enc = LatencyEncoder(hidden_size=32, embed_dim=256)
     out = enc(torch.tensor([0.0, 0.5, 16 / 17], dtype=torch.float64))
     assert out.shape == (3, 32)
-    assert not torch.allclose(out[0], out[2])
+    assert (out[0] - out[2]).abs().max() > 0.05 and (out[1] - out[2]).abs().max() > 0.05
     assert sum(p.numel() for p in enc.parameters()) == 2 * 256 + 256 * 32 + 32 + 32 * 32 + 32
+
+
+def test_latency_encoder_is_sinusoid_layernorm_linear_gelu_linear():
+    """The encoder's output by hand (spec 1.3), for three quantised budgets."""
+    import math
+
+    torch.manual_seed(0)
+    enc = LatencyEncoder(hidden_size=32, embed_dim=256)
+    q = torch.tensor([0.0, 0.5, 16 / 17], dtype=torch.float64)
+    freq = 1.0 / (10000 ** (torch.arange(128, dtype=torch.float32) / 128))
+    v = q.float()[:, None] * (2 * math.pi) * freq
+    e = torch.cat([v.sin(), v.cos()], -1)
+    ln, l1, l2 = enc.net[0], enc.net[1], enc.net[3]
+    expected = l2(F.gelu(l1(F.layer_norm(e, (256,), ln.weight, ln.bias, ln.eps))))
+    torch.testing.assert_close(enc(q), expected)
+    assert enc.embed_dim == 256 and len(enc.net) == 4
+
+
+def test_scheduler_heads_have_one_logit_per_layer_or_per_switch():
+    assert Scheduler(16, 4, 8, "layer").mlp_head.out_features == 4
+    assert Scheduler(16, 4, 8, "head").mlp_head.out_features == 4 * 2 * 8
+
+
+def test_an_empty_batch_gets_an_empty_plan():
+    plan = sample_layer_plan(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 5.0, stochastic=False)
+    assert plan.shape == (0, 4)

@@ -126,7 +126,8 @@ def test_controller_smooths_a_spike_and_holds_inside_the_hysteresis_band():
         t += 0.1
         c.observe(mid, t)
     held = c.decide()
-    assert held == budget_for_load(mid, p, CFG) or held <= budget_for_load(mid, p, CFG)
+    # coming up from the floor, the budget rises only to the band's level f((1 + h) * L), below f(L) here
+    assert held == budget_for_load(mid * (1 + CFG.hysteresis), p, CFG) < budget_for_load(mid, p, CFG)
     # small wiggles around this load do not move the budget up and down
     seen = set()
     for i in range(100):
@@ -277,7 +278,26 @@ def test_predicted_batch_cost_uses_the_largest_budget_and_sums_groups():
     c = BudgetController(p, CFG)
     one = predicted_batch_ms(p, [1.0], 8) + predicted_batch_ms(p, [0.5, 0.5], 4)
     c.observe_batch(2.0 * one, [([1.0], 8), ([0.5, 0.5], 4)])
-    assert c.ratios == [pytest.approx(2.0)] and c.batches_seen == 1
+    assert c.ratios == [1.0] * (CFG.slowdown_window - 1) + [pytest.approx(2.0)] and c.batches_seen == 1
+
+
+def test_a_cold_replica_trusts_its_profile_until_half_a_window_of_batches_disagrees():
+    """A fresh controller starts with the window full of 1.0 (the module docstring's promise): one slow first batch
+    (a warm-up or GC hiccup) moves neither the factor nor the budget at load 1; it takes more than half a window of
+    slow batches."""
+    p = profile()
+    c = BudgetController(p, CFG)
+    assert c.slowdown == 1.0 and c.ratios == [1.0] * CFG.slowdown_window
+    c.observe(1, 0.0)
+    assert c.decide() == 1.0
+    assert c.observe_batch(1e9, [([1.0], 8)]) == 1.0  # the very first batch is 10^9 ms
+    assert c.decide() == 1.0
+    slow = [c.observe_batch(10.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)]) for _ in range(CFG.slowdown_window)]
+    half = CFG.slowdown_window // 2
+    # counting the first one, half a window of slow batches ties the median (1 and 10 average), one more moves it
+    assert slow[: half - 2] == [1.0] * (half - 2)
+    assert slow[half - 2] == pytest.approx((1.0 + CFG.slowdown_max) / 2) and slow[half - 1] == CFG.slowdown_max
+    assert c.decide() < 1.0
 
 
 def test_slowdown_config_is_checked():
@@ -426,3 +446,109 @@ def test_allow_list_matching():
     assert not host_allowed("images.example.com.evil", allowed) and not host_allowed("", allowed)
     ok = Limits(fetch_images=True, allowed_image_hosts=allowed)
     assert check_image_url("https://a.cdn.org/x.png", "p", ok) == "https://a.cdn.org/x.png"
+
+
+def test_policy_config_edges_are_valid_settings_and_beyond_them_is_an_error():
+    ok = [dict(floor=0.5 - 1e-9), dict(floor=0.5, ceiling=0.5), dict(floor=1.0, ceiling=1.0), dict(hysteresis=0.0),
+          dict(slowdown_min=1.0), dict(slowdown_max=1.0), dict(slowdown_max=1.5), dict(slowdown_window=1)]  # fmt: skip
+    for kw in ok:
+        PolicyConfig(**kw).check((0.5, 1.0))
+    with pytest.raises(ValueError, match="ceiling=1.5"):
+        PolicyConfig(ceiling=1.5).check((0.5, 1.0))
+    with pytest.raises(ValueError, match=r"policy.hysteresis must be >= 0, got -0.1"):
+        PolicyConfig(hysteresis=-0.1).check((0.5, 1.0))
+
+
+def test_a_batch_that_decoded_nothing_costs_its_prefill():
+    p = profile()
+    assert predicted_batch_ms(p, [1.0], 0) == batch_ms(p, 1.0, 1, 1) == p.prefill_ms_1[-1]
+
+
+def test_a_zero_measurement_is_not_a_sample():
+    window = []
+    assert update_slowdown(window, 0.0, 10.0, CFG) == 1.0 and window == []
+
+
+def test_retry_after_is_the_excess_in_whole_seconds():
+    from dataclasses import replace
+
+    p = profile()
+    load = next(x for x in range(1, 10_000) if predicted_latency_ms(p, 0.5, x, CFG.tokens) > 5000)
+    predicted = predicted_latency_ms(p, 0.5, load, CFG.tokens)
+    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted)) is None  # exactly at the limit: admitted
+    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted - 10.0)) == 1  # 10 ms over: wait a second
+    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted - 3000.5)) == 4  # 3000.5 ms over: 4 s
+
+
+def test_every_batch_is_counted():
+    p = profile()
+    c = BudgetController(p, CFG)
+    for _ in range(3):
+        c.observe_batch(batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
+    assert c.batches_seen == 3
+
+
+def test_load_is_an_exponential_moving_average_with_its_time_constant():
+    from dataclasses import replace
+
+    import math
+
+    c = BudgetController(profile(), replace(CFG, smoothing_s=0.5))
+    assert c.decide() == 1.0  # nothing observed yet: an idle replica, full budget
+    c.observe(0, 100.0)
+    assert c.observe(10, 100.5) == pytest.approx(10 * (1 - math.exp(-1)))  # one time constant later
+    assert c.raw_load == 10.0
+
+
+def test_the_hysteresis_band_uses_the_learned_slowdown_too():
+    p = profile()
+    c = BudgetController(p, CFG)
+    for _ in range(CFG.slowdown_window):
+        c.observe_batch(3.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
+    assert c.slowdown == pytest.approx(3.0)
+    c.observe(1000, 0.0)
+    assert c.decide() == 0.5
+    load = next(x for x in range(1, 400) if budget_for_load(x, p, CFG, 3.0) > budget_for_load(1.25 * x, p, CFG, 3.0)
+                and budget_for_load(1.25 * x, p, CFG, 1.0) > budget_for_load(1.25 * x, p, CFG, 3.0))  # fmt: skip
+    c.observe(load, 1000.0)  # a thousand time constants later: the smoothed load is `load`
+    assert c.decide() == budget_for_load(1.25 * load, p, CFG, 3.0)
+
+
+def test_cost_model_by_hand():
+    """batch_ms: the straight line between a batch of 1 and a full batch, prefill plus (tokens - 1) decode steps;
+    predicted_latency_ms: (load / B) batches ahead when the queue holds more than one batch, never fewer than one."""
+    p = LatencyProfile(budgets=[0.5, 1.0], max_batch_size=5, prefill_ms_1=[10.0, 20.0], prefill_ms_b=[30.0, 60.0],
+                       decode_ms_1=[1.0, 2.0], decode_ms_b=[3.0, 6.0])  # fmt: skip
+    assert batch_ms(p, 1.0, 1, 1) == 20.0 and batch_ms(p, 1.0, 1, 0) == 20.0
+    assert batch_ms(p, 1.0, 1, 4) == 20.0 + 3 * 2.0
+    assert batch_ms(p, 1.0, 5, 4) == 60.0 + 3 * 6.0
+    assert batch_ms(p, 1.0, 3, 4) == pytest.approx(40.0 + 3 * 4.0)  # halfway between 1 and 5
+    assert batch_ms(p, 0.5, 0.5, 2) == 10.0 + 1.0  # fewer than one request costs one
+    assert batch_ms(p, 0.75, 9, 1) == 30.0  # a budget runs as its grid level; more than B is a full batch
+    one = LatencyProfile(budgets=[1.0], max_batch_size=1, prefill_ms_1=[7.0], prefill_ms_b=[9.0], decode_ms_1=[1.0],
+                         decode_ms_b=[2.0])  # fmt: skip
+    assert batch_ms(one, 1.0, 1, 3) == 7.0 + 2 * 1.0  # B = 1: the batch-of-1 line
+    assert predicted_latency_ms(p, 1.0, 0.5, 4) == batch_ms(p, 1.0, 1, 4)
+    assert predicted_latency_ms(p, 1.0, 5, 4) == batch_ms(p, 1.0, 5, 4)
+    assert predicted_latency_ms(p, 1.0, 15, 4, slowdown=2.0) == 2.0 * 3 * batch_ms(p, 1.0, 5, 4)
+
+
+def test_profiles_are_checked_clipped_and_made_monotone():
+    with pytest.raises(ValueError, match="non-empty ascending"):
+        LatencyProfile(budgets=[1.0, 0.5], max_batch_size=2, prefill_ms_1=[1, 1], prefill_ms_b=[1, 1],
+                       decode_ms_1=[1, 1], decode_ms_b=[1, 1])  # fmt: skip
+    with pytest.raises(ValueError, match="non-empty ascending"):
+        LatencyProfile(budgets=[], max_batch_size=2, prefill_ms_1=[], prefill_ms_b=[], decode_ms_1=[], decode_ms_b=[])
+    with pytest.raises(ValueError, match="profile.decode_ms_b needs one value per budget"):
+        LatencyProfile(budgets=[0.5], max_batch_size=2, prefill_ms_1=[1], prefill_ms_b=[1], decode_ms_1=[1],
+                       decode_ms_b=[1, 2])  # fmt: skip
+    p = LatencyProfile(budgets=[0.5, 0.75, 1.0], max_batch_size=2, prefill_ms_1=[0.5, -3.0, 0.2],
+                       prefill_ms_b=[5.0, 4.0, 6.0], decode_ms_1=[1, 1, 1], decode_ms_b=[1, 1, 1])  # fmt: skip
+    assert p.prefill_ms_1 == [0.5, 0.5, 0.5] and p.prefill_ms_b == [5.0, 5.0, 6.0]  # clipped at 0, then cummax
+    assert [p.index(b) for b in (0.1, 0.5, 0.74, 0.75, 1.0)] == [0, 0, 0, 1, 2]
+
+
+def test_slowdown_is_the_median_of_odd_and_even_windows():
+    assert slowdown_factor([5.0, 1.0, 3.0, 2.0, 4.0], CFG) == 3.0
+    assert slowdown_factor([1.0, 2.0, 3.0], CFG) == 2.0
+    assert slowdown_factor([1.0, 2.0, 3.0, 7.0], CFG) == 2.5

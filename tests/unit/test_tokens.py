@@ -5,6 +5,7 @@ import torch
 
 from adallava import tokens
 from adallava.presets import build_tiny
+from powered import build_powered
 from test_modeling import QUESTIONS, batch, images, prompt
 
 BUDGETS = [0.5 + 5 / 32, 0.8, 1.0]  # head granularity: 1/32 steps
@@ -12,7 +13,8 @@ BUDGETS = [0.5 + 5 / 32, 0.8, 1.0]  # head granularity: 1/32 steps
 
 @pytest.fixture(scope="module")
 def base():
-    return build_tiny("head", "mistral")
+    """With power (tests/unit/powered.py): greedy tokens vary, so cached == uncached means something."""
+    return build_powered("head", "mistral")
 
 
 def variant(base, **overrides):
@@ -61,7 +63,10 @@ def test_selection_composes_with_plans_and_generation(base, selection):
     with torch.no_grad():
         masked, skipped = model(**inputs, budget=BUDGETS, plan_mode="mask"), model(**inputs, budget=BUDGETS, plan_mode="skip")
     torch.testing.assert_close(masked.logits, skipped.logits, rtol=1e-5, atol=1e-5)
-    assert masked.logits.shape[1] < inputs["input_ids"].shape[1] + 1  # the sequence really got shorter
+    if selection == "fastv":  # R = 0.5 of each image's 16 tokens dropped after layer K: exactly 8 fewer positions
+        assert masked.logits.shape[1] == inputs["input_ids"].shape[1] + 1 - 8
+    else:
+        assert masked.logits.shape[1] < inputs["input_ids"].shape[1] + 1  # the sequence really got shorter
     model.train()
     labels = inputs["input_ids"].clone()
     labels[:, :-3] = -100
@@ -89,7 +94,9 @@ def test_prumerge_keeps_outliers_merges_neighbours_and_adds_one_token():
     others = [j for j in range(P) if j != 3]
     torch.testing.assert_close(out[0, 0], feats[0, 3] + (attn[0, others, None] * feats[0, others]).sum(0))
     _, valid_plus = tokens.prumerge(feats, attn, keys, plus=True)
-    assert valid_plus.sum() > valid.sum()  # PruMerge+ adds spatially uniform patches
+    # PruMerge+ adds spatially uniform patches: stride 16 // (3 * 2 outliers) = 2, so patches 0, 2, .., 14 (8) and
+    # the outliers 3 and 9, plus the merged-remainder token
+    assert valid_plus.sum() == 8 + 2 + 1
 
 
 def test_prumerge_rejects_a_placeholder_count_that_does_not_match(base):
@@ -106,3 +113,36 @@ def test_bad_selection_config_is_rejected():
         build_tiny(token_selection="fastv", fastv_k=7)
     with pytest.raises(ValueError, match="fastv_ratio"):
         build_tiny(token_selection="fastv", fastv_ratio=1.0)
+
+
+def test_fastv_defaults_are_the_papers():
+    model, _ = build_tiny(token_selection="fastv")
+    assert (model.config.fastv_k, model.config.fastv_ratio) == (2, 0.5)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_fastv_drops_exactly_its_fraction_inside_the_model(base, ratio):
+    """Inside the decoder loop, after layer K every row keeps its text, its latency token and (1 - R) of its image
+    tokens (the most attended ones by the latency token), and nothing else."""
+    _, processor = base
+    model = variant(base, token_selection="fastv", fastv_ratio=ratio)
+    inputs = batch(processor)
+    with torch.no_grad():
+        embeds = model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+        budget = torch.tensor(BUDGETS, dtype=torch.float64)
+        h, mask, _, pos = model.insert_latency_token(embeds, inputs["attention_mask"], None, model.latency_token(budget))
+        image_mask = torch.cat([inputs["input_ids"] == model.config.image_token_id, torch.zeros(3, 1, dtype=torch.bool)], 1)
+        selection = {}
+        model.decode(h, mask.bool(), (mask.cumsum(-1) - 1).clamp(min=0), budget, pos, image_mask=image_mask,
+                     selection=selection)  # fmt: skip
+    n_image = int(image_mask[0].sum())
+    dropped = int(n_image * ratio)
+    assert n_image == 16
+    assert selection["valid"].sum(1).tolist() == (mask.sum(1) - dropped).tolist()
+    kept = selection["index"].masked_fill(~selection["valid"], -1)
+    for row in range(3):
+        positions = [int(j) for j in kept[row] if j >= 0]
+        kept_image = [j for j in positions if image_mask[row, j]]
+        assert len(kept_image) == n_image - dropped
+        text = [j for j in range(h.shape[1]) if mask[row, j] and not image_mask[row, j]]
+        assert set(text) <= set(positions)  # text and the latency token are never dropped
