@@ -11,3 +11,4 @@ def ray_cluster():
              include_dashboard=True, logging_level="warning")  # fmt: skip
     yield
     ray.shutdown()
+

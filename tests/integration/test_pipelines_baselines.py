@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_training import tiny_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -20,16 +21,7 @@ def work(tmp_path_factory):
 
 
 def _cfg(work, **kw):
-    from pipelines.config import TrainConfig
-
-    base = dict(
-        preset="tiny", data_dir=str(work / "data"), num_train=32, num_validation=8, num_test=16,
-        storage_path=str(work / "runs"), mlflow_tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="test",
-        num_workers=1, micro_batch_size=4, global_batch_size=4, lr=1e-3, precision="fp32",
-        gradient_checkpointing=False, max_length=96, report_every=1, progress=False, max_failures=0, max_steps=2,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(work, 32, 16, num_workers=1, global_batch_size=4, max_steps=2, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from tiny_training import tiny_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -21,16 +22,7 @@ def work(tmp_path_factory):
 
 
 def _cfg(work, **kw):
-    from pipelines.config import TrainConfig
-
-    base = dict(
-        preset="tiny", data_dir=str(work / "data"), num_train=48, num_validation=8, num_test=24,
-        storage_path=str(work / "runs"), mlflow_tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="test",
-        num_workers=2, micro_batch_size=4, global_batch_size=8, lr=1e-3, precision="fp32",
-        gradient_checkpointing=False, max_length=96, report_every=1, progress=False, max_failures=0,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(work, 48, 24, **kw)
 
 
 def _metrics(db, run_id, key):
