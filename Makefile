@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv
+.PHONY: demo test bench venv browser
 
 venv: $(VENV)/.installed
 
@@ -25,7 +25,14 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(PY) -m pipelines.demo
 
-test: venv
+# The playground's browser test (tests/integration/test_playground_browser.py) needs a real Chromium: Debian's
+# packages, installed here when missing (a browser download at test time does not work offline).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+test: venv browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Benchmarks (never run as tests): each writes bench/results/<name>.json + .png and prints a table.
