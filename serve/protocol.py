@@ -377,7 +377,7 @@ async def validate_request(req: ChatCompletionRequest, limits: Limits, budget_ra
     attention = bool(req.adallava and req.adallava.attention)  # issue 14
     if attention and len(image_parts) != 1:
         raise bad_request(f"adallava.attention: the latency token's attention is over one image; the request has "
-                          f"{len(image_parts) or 'none'}", param="adallava.attention", code="invalid_value")  # fmt: skip
+                          f"{len(image_parts) or 'none'}", param="adallava.attention")  # fmt: skip
     images = [await image_loader(url, where) for url, where in image_parts]
     return ParsedRequest(
         messages=messages, images=images, max_tokens=max_tokens,

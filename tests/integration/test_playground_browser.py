@@ -1,8 +1,9 @@
 """The web playground (serve/playground/) in a real browser: Debian's headless Chromium driven by Selenium against the
 Serve application on free loopback ports (one app for the module). Upload an image, ask, move the budget and see the
 plan change, `auto` with the load behind it, compare budgets with the attention overlay, and readable errors (a corrupt
-image and a 401 from the real server, which has an API key; 429 + Retry-After as the server sends them). Screenshots go to
-test-artifacts/playground/ (path printed at the end). Every wait ends on page state, with a bounded number of checks."""
+image and a 401 from the real server, which has an API key; 429 + Retry-After as the server sends them). Screenshots
+go to test-artifacts/playground/ (path printed at the end). Every wait ends on page state, with a bounded number of
+checks."""
 
 import io
 import os
