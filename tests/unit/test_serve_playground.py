@@ -110,3 +110,21 @@ def test_attention_needs_exactly_one_image():
     with pytest.raises(APIError) as e:
         asyncio.run(validate_request(parse_request(two), Limits(max_images=2), (0.5, 1.0), loader))
     assert (e.value.status, e.value.param) == (400, "adallava.attention") and "has 2" in e.value.message
+
+
+# ---------------------------------------------------------------------------------------------------------- replica
+
+
+def test_the_replica_refuses_attention_with_token_selection():
+    """FastV / PruMerge drop image tokens before the map is read: refused by name before the request is queued."""
+    from types import SimpleNamespace
+
+    from serve.replica import AdaLlavaModel, Job
+
+    cls = AdaLlavaModel.func_or_class
+    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(token_selection="fastv")))
+    job = Job(request_id="r", messages=[], images=[None], max_tokens=4, temperature=0.0, top_p=1.0, budget_cap=None,
+              latency_ms=None, attention=True)  # fmt: skip
+    with pytest.raises(APIError) as e:
+        cls._prepare(fake, job)
+    assert (e.value.status, e.value.param) == (400, "adallava.attention") and "'fastv'" in e.value.message
