@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv smol mutate
+.PHONY: demo test bench venv smol mutate browser
 
 venv: $(VENV)/.installed
 
@@ -30,7 +30,14 @@ demo: venv
 smol: venv
 	$(PY) -m pipelines.smol
 
-test: venv
+# The playground's browser test (tests/integration/test_playground_browser.py) needs a real Chromium: Debian's
+# packages, installed here when missing (a browser download at test time does not work offline).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+test: venv browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml; equivalent mutants in

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -461,7 +460,7 @@ def qualitative_figure(model, processor, items, budgets, cfg: EvalConfig, out_di
 
     from adallava.data import EvalCollator, score_answer
 
-    from .attention import latency_token_attention
+    from adallava.attention import attention_map, latency_token_attention
 
     chosen, seen = [], set()
     for it in items:  # one per question type with an image, then any
@@ -484,10 +483,7 @@ def qualitative_figure(model, processor, items, budgets, cfg: EvalConfig, out_di
         axes[r, 0].set_title(f"{metas[0]['question'][:40]}\ngold: {metas[0]['answer']}", fontsize=8)
         for c, b in enumerate(show):
             att = latency_token_attention(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], b)
-            grid = att[-1].mean(0)  # last prefix layer (what the scheduler reads), mean over heads
-            side = int(math.isqrt(grid.numel()))
-            grid = grid[: side * side].view(side, side).float()
-            grid = grid / grid.sum().clamp(min=1e-9)
+            grid = attention_map(att)  # last prefix layer (what the scheduler reads), mean over heads
             ax = axes[r, 1 + c]
             ax.imshow(img)
             ax.imshow(grid.numpy(), cmap="inferno", alpha=0.6, extent=(0, img.shape[1], img.shape[0], 0),

@@ -1,6 +1,6 @@
 """Run the AdaLLaVA Serve application on a local Ray cluster (loopback only).
 
-    python -m serve                                  # tiny preset on http://127.0.0.1:8000
+    python -m serve                                  # tiny preset on http://127.0.0.1:8000 (the playground at /)
     python -m serve --model /path/to/checkpoint --port 8001 policy.slo_ms=1500 max_replicas=3
     python -m serve --config serve/configs/tiny.yaml # the args: of a Serve config file, plus overrides
     python -m serve --model models:/adallava/3       # a registered model version (MLflow Model Registry)
@@ -83,6 +83,7 @@ def main(argv=None):
     serve.run(build_app(cfg), name="adallava", route_prefix="/")
     print(f"AdaLLaVA serving {cfg.model!r} as {cfg.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(Ctrl-C to stop)", flush=True)
+    print(f"playground: open http://{args.host}:{args.port}/ in a browser", flush=True)  # issue 14
     try:
         while True:
             time.sleep(3600)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from serve.config import ServeConfig
+from serve.playground import mount_playground
 from serve.protocol import (
     APIError, ParsedRequest, chunk_body, completion_body, error_body, load_image, parse_json, parse_request,
     usage_chunk, validate_request,
@@ -123,6 +124,15 @@ class OpenAIServer:
             raise self._not_found(model_id)
         return self._model_card()
 
+    # issue 14 (playground): what a client needs to draw budgets and plans
+    INFO_KEYS = ("model_name", "budget_range", "grid", "num_layers", "num_prefix_layers", "granularity",
+                 "token_selection")
+
+    async def adallava_info(self, request: Request):
+        self.check_api_key(request)
+        info = await self.model_info()
+        return {k: info[k] for k in self.INFO_KEYS}
+
     def _model_card(self) -> dict:
         card = {"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "adallava"}
         if self.info is not None:
@@ -147,7 +157,7 @@ class OpenAIServer:
         job = Job(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}", messages=parsed.messages, images=parsed.images,
                   max_tokens=parsed.max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                   budget_cap=parsed.budget_cap, latency_ms=parsed.latency_ms, stop=parsed.stop, seed=parsed.seed,
-                  stream=parsed.stream, t_ingress=t0)  # fmt: skip
+                  stream=parsed.stream, t_ingress=t0, attention=parsed.attention)  # fmt: skip
         if parsed.user:
             logger.info(f"{job.request_id} user={ascii(parsed.user)}")
         created = int(t0)
@@ -222,6 +232,10 @@ def create_app(server: OpenAIServer) -> FastAPI:
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id}", server.model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/adallava/info", server.adallava_info, methods=["GET"])
+    # issue 14: the web page at / and /playground (static files, same origin as the API). Open without the API key:
+    # the page holds no secret, and every API call it makes sends the key the user typed.
+    mount_playground(app)
     return app
 
 

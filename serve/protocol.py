@@ -13,6 +13,9 @@ lone UTF-16 surrogates, extreme image shapes, anything Pillow raises on) is a 4x
 Extensions in the request body (both are caps: the server never spends more than the client allows):
 - `budget`: the largest fraction of the language model's compute this request may use, in [P/L, 1].
 - `latency_ms`: a latency target; mapped to the largest budget predicted to meet it (serve.policy.budget_for_latency).
+And one opt-in object (the playground's "compare budgets" view):
+- `adallava: {"attention": true}`: the response's `adallava` object also carries the latency token's attention over
+  the image (adallava.attention); needs exactly one image; unknown keys in this object are refused by name.
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
 }  # fmt: skip
 
 
+# ---- issue 14 (playground): opt-in extras of the response's `adallava` object (our own namespace: a misspelt key is
+# an error naming it and what the object accepts).
+class AdaLlavaOptions(_Strict):
+    attention: StrictBool = False
+
+
 class ChatCompletionRequest(_Strict):
     model: StrictStr | None = None
     messages: list[Message] = Field(min_length=1)
@@ -118,6 +127,7 @@ class ChatCompletionRequest(_Strict):
     # AdaLLaVA extensions (caps)
     budget: Number | None = None
     latency_ms: Number | None = None
+    adallava: AdaLlavaOptions | None = None  # issue 14 (playground)
 
 
 def parse_json(raw: bytes) -> Any:
@@ -150,6 +160,10 @@ def parse_request(obj: Any) -> ChatCompletionRequest:
         err = max(e.errors(include_url=False), key=lambda x: len(x["loc"]))
         param = _param(err["loc"])
         kind = err["type"]
+        if kind == "extra_forbidden" and param.startswith("adallava."):  # issue 14
+            raise bad_request(f"{param}: unknown field; the adallava object accepts: "
+                              f"{', '.join(AdaLlavaOptions.model_fields)}", param=param,
+                              code="unknown_field") from None  # fmt: skip
         if kind == "extra_forbidden":
             if "." not in param:
                 msg = f"unrecognized request argument supplied: {param}"
@@ -279,6 +293,7 @@ class ParsedRequest:
     seed: int | None = None
     include_usage: bool = False
     user: str | None = None
+    attention: bool = False  # issue 14: return the latency token's attention over the image
 
 
 async def validate_request(req: ChatCompletionRequest, limits: Limits, budget_range: tuple[float, float],
@@ -359,13 +374,17 @@ async def validate_request(req: ChatCompletionRequest, limits: Limits, budget_ra
     if n_chars > limits.max_prompt_chars:
         raise bad_request(f"the messages hold {n_chars} characters; at most {limits.max_prompt_chars}",
                           param="messages", code="prompt_too_long")  # fmt: skip
+    attention = bool(req.adallava and req.adallava.attention)  # issue 14
+    if attention and len(image_parts) != 1:
+        raise bad_request(f"adallava.attention: the latency token's attention is over one image; the request has "
+                          f"{len(image_parts) or 'none'}", param="adallava.attention")  # fmt: skip
     images = [await image_loader(url, where) for url, where in image_parts]
     return ParsedRequest(
         messages=messages, images=images, max_tokens=max_tokens,
         temperature=0.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
         stream=bool(req.stream), budget_cap=budget, latency_ms=latency_ms, stop=stops, seed=req.seed,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        user=req.user or req.safety_identifier,
+        user=req.user or req.safety_identifier, attention=attention,
     )  # fmt: skip
 
 

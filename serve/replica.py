@@ -70,6 +70,7 @@ class Job:
     seed: int | None = None
     stream: bool = False
     t_ingress: float = 0.0  # time.time() when the ingress received it (queue wait and TTFT count from here)
+    attention: bool = False  # issue 14: return the latency token's attention over the image (adallava.attention)
     arrival: float = 0.0  # time.time() at the replica (set on admission)
     prompt_tokens: int = 0
 
@@ -86,6 +87,7 @@ class _Live:
     server_budget: float | None = None
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
+    attention: dict | None = None  # issue 14: adallava.attention, computed in the engine thread when it joins
     gone: bool = False  # the client went away (or a stop string ended it) before it joined
 
     def put(self, item):
@@ -239,7 +241,29 @@ class AdaLlavaModel:
         self._ensure_reporter()
         return {"model_name": self.cfg.model_name, "budget_range": list(self.budget_range), "grid": self.grid,
                 "profile": self.profile.to_dict(), "replica": self.replica_id, "load": self.load_info(),
-                "budget": self.controller.budget, "max_context": self.max_context}  # fmt: skip
+                "budget": self.controller.budget, "max_context": self.max_context,
+                **self.model_facts()}  # fmt: skip
+
+    # ---- issue 14 (playground) begin: what a client needs to draw plans, and the opt-in attention map
+    def model_facts(self) -> dict:
+        mc = self.model.config
+        return {"num_layers": mc.text_config.num_hidden_layers, "num_prefix_layers": mc.num_prefix_layers,
+                "granularity": mc.granularity, "token_selection": mc.token_selection}  # fmt: skip
+
+    def _attention(self, request, budget: float) -> dict:
+        """Engine thread (the model's only user: the hooks adallava.attention sets would see another thread's
+        forward): the latency token's attention over the image's patch grid in the last prefix layer (mean over heads,
+        sums to 1), for one request alone, one extra prefill. `region`: the part of the image the patch grid covers."""
+        from adallava.attention import attention_map, latency_token_attention
+
+        ids = request.input_ids if request.input_ids.dim() == 2 else request.input_ids[None]
+        mask = request.attention_mask if request.attention_mask is not None else self.torch.ones_like(ids)
+        with self.torch.inference_mode():
+            grid = attention_map(latency_token_attention(self.model, ids, request.pixel_values, mask, budget))
+        ip = self.processor.image_processor
+        return {"layer": self.model.config.num_prefix_layers - 1, "grid": [[round(float(x), 5) for x in row]
+                for row in grid], "region": "center_square" if getattr(ip, "do_center_crop", False) else "whole"}
+    # ---- issue 14 (playground) end
 
     async def inject_fault(self) -> str:
         """Test hook (config fault_injection=True only): the next health check fails and Serve replaces us."""
@@ -310,6 +334,9 @@ class AdaLlavaModel:
         """Preprocessing thread: chat template, tokenizer and image processor, once, for one request."""
         from adallava.engine import Request
 
+        if job.attention and self.model.config.token_selection != "none":  # issue 14
+            raise bad_request(f"adallava.attention: not available with token selection "
+                              f"({self.model.config.token_selection!r} drops image tokens)", param="adallava.attention")
         prompt = self.processor.apply_chat_template(job.messages, add_generation_prompt=True)
         enc = self.processor(images=job.images or None, text=[prompt], return_tensors="pt")
         n = int(enc["input_ids"].shape[1]) + 1  # + the latency token
@@ -388,6 +415,9 @@ class AdaLlavaModel:
                                                                                          * 1000, 2)},
                 "load": self.load_info(), "batch_size": live.batch_size, "engine_steps": steps,
                 "replica": self.replica_id,
+                # issue 14 (playground): which heads [0] and MLP neuron groups [1] ran in each schedulable layer
+                "execution_units": None if fin.plan is None else fin.plan.round().int().tolist(),
+                **({"attention": live.attention} if live.attention is not None else {}),
             },
         }  # fmt: skip
 
@@ -473,6 +503,14 @@ class AdaLlavaModel:
         live.batch_size = self.engine.num_running + 1
         live.t_join = time.time()
         self.m_queue.observe((live.t_join - job.t_ingress) * 1000)
+        if job.attention:  # issue 14: opt-in, one extra prefill of this request alone, at its budget
+            try:
+                live.attention = self._attention(live.request, live.budget)
+            except Exception as e:  # noqa: BLE001 - this request alone fails, the running batch goes on
+                logger.exception(f"{job.request_id}: adallava.attention failed")
+                live.put({"type": "error", "status": 500, "headers": {},
+                          "body": error_body(f"adallava.attention could not be computed ({type(e).__name__})")})
+                return
         try:
             self.engine.add(live.request)
         except ValueError as e:  # refused by the engine: this request alone fails

@@ -277,6 +277,45 @@ def test_api_key_from_config_and_environment(monkeypatch):
     assert make_client()[0].get("/v1/models").status_code == 200  # no key anywhere: open
 
 
+class InfoBackend(FakeBackend):
+    async def info(self):
+        return {"model_name": "m", "budget_range": [0.5, 1.0], "grid": [0.5, 0.75, 1.0], "max_context": 2048,
+                "num_layers": 4, "num_prefix_layers": 2, "granularity": "head", "token_selection": "none",
+                "profile": {"secret": "not for the page"}}  # fmt: skip
+
+
+def test_playground_is_open_and_its_info_route_needs_the_key():
+    """Issue 14: the page holds no secret (open even with a key configured); /v1/adallava/info is an API route."""
+    client, _ = make_client(InfoBackend(), api_key="s3cret")
+    for path in ("/", "/playground", "/playground/app.js"):
+        assert client.get(path).status_code == 200, path
+    assert "<title>AdaLLaVA playground</title>" in client.get("/").text
+    r = client.get("/v1/adallava/info")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = client.get("/v1/adallava/info", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.json() == {"model_name": "m", "budget_range": [0.5, 1.0],
+                                                 "grid": [0.5, 0.75, 1.0], "num_layers": 4, "num_prefix_layers": 2,
+                                                 "granularity": "head", "token_selection": "none"}  # fmt: skip
+
+
+def test_attention_option_reaches_the_model_and_is_refused_without_one_image():
+    client, backend = make_client()
+    img = image_part(png())
+    r = client.post("/v1/chat/completions", json=chat([img, {"type": "text", "text": "?"}],
+                                                      adallava={"attention": True}))  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert backend.jobs[-1].attention is True
+    assert client.post("/v1/chat/completions", json=chat([img])).status_code == 200
+    assert backend.jobs[-1].attention is False
+    n = len(backend.jobs)
+    r = client.post("/v1/chat/completions", json=chat("no image", adallava={"attention": True}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "adallava.attention"
+    r = client.post("/v1/chat/completions", json=chat([img], adallava={"attention": True, "heads": True}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "adallava.heads"
+    assert r.json()["error"]["code"] == "unknown_field"
+    assert len(backend.jobs) == n  # refused requests never reach the model
+
+
 def test_cors_is_off_by_default_and_follows_the_config():
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
