@@ -16,7 +16,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ARTIFACTS = Path(os.environ.get("ADALLAVA_TEST_ARTIFACTS", "test-artifacts")).resolve() / "playground"
 QUESTION = "What colour is the circle?"
