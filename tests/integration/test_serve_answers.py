@@ -215,3 +215,10 @@ def test_seed_fixes_a_sampled_answer(client):
 
     a = sample(7)
     assert sample(7) == a and sample(8) != a
+
+
+def test_include_usage_and_max_completion_tokens(client):
+    chunks = list(client.chat.completions.create(model="adallava-test", messages=LONG, max_completion_tokens=5,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 5
