@@ -21,7 +21,7 @@ def work(tmp_path_factory):
 
 
 def _cfg(work, **kw):
-    return tiny_train_config(work, 32, 16, num_workers=1, global_batch_size=4, max_steps=2, **kw)
+    return tiny_train_config(work, 32, 16, **{"num_workers": 1, "global_batch_size": 4, "max_steps": 2, **kw})
 
 
 @pytest.fixture(scope="module")
