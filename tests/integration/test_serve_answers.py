@@ -9,6 +9,7 @@ import socket
 
 import numpy as np
 import pytest
+from serve_images import data_url, png
 
 pytestmark = pytest.mark.integration
 
@@ -123,18 +124,6 @@ def http(server):
 
     with httpx.Client(base_url=server, timeout=120) as c:
         yield c
-
-
-def png(size=(40, 40), colour=(200, 30, 30)):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(raw, mime="image/png"):
-    return f"data:{mime};base64," + base64.b64encode(raw).decode()
 
 
 # Request semantics whose answers must be exact: on this server (an SLO nothing misses) the budget is the client's

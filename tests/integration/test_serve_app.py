@@ -4,9 +4,7 @@ sequences, usage in the stream, seeded sampling, every bad-input class (4xx, Ope
 requests sent beside them all answered), budgets that fall under a burst and come back, 429 when even the floor
 cannot keep up, and a replica that fails its health check being replaced. One app for the whole module."""
 
-import base64
 import concurrent.futures as cf
-import io
 import os
 import socket
 import threading
@@ -14,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from serve_images import data_url, png
 
 pytestmark = pytest.mark.integration
 
@@ -21,18 +20,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png(size=(40, 40), colour=(200, 30, 30)):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(raw, mime="image/png"):
-    return f"data:{mime};base64," + base64.b64encode(raw).decode()
 
 
 class _Images(BaseHTTPRequestHandler):
