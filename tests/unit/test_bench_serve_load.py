@@ -185,6 +185,10 @@ def test_server_args_follow_the_contract_and_name_missing_keys():
     assert args["policy"] == {"slo_ms": 900.0, "floor": 1.0, "ceiling": 1.0, "reject": False} and "limits" not in args
     args, _ = b.server_args({"floor": 0.75, "ceiling": 0.75, "reject": False}, OPTS, CFG, POL, set())
     assert args["policy"]["floor"] == 0.75
+    # not given: the server's own default (the new server refuses max_queued_requests=None)
+    args, missing = b.server_args("load_aware", {**OPTS, "max_queued_requests": None, "profile_cache": None},
+                                  CFG | {"max_queued_requests", "profile_cache"}, POL, set())  # fmt: skip
+    assert missing == [] and "max_queued_requests" not in args and "profile_cache" not in args
 
 
 def test_server_args_refuse_unknown_variants_and_servers_without_the_policy_keys():
@@ -231,6 +235,9 @@ def test_targets_met_and_missed():
     t = b.evaluate_targets(cells(la=0.4, p95=1200.0, la05=0.6), 1000.0, None, stderr_full_05=0.02)
     assert [x["met"] for x in t] == [False, True, False, False]
     assert b.evaluate_targets({}, 1000.0, "not run")[3]["met"] is None
+    zero = b.evaluate_targets(cells(la=0.0, fq=0.0, fs=0.0, mb=0.0, la05=0.0, fq05=0.0), 1000.0, 4.0, 0.0)
+    assert [x["met"] for x in zero] == [True, None, None, True]  # 0 >= 1.3 x 0 is no evidence either way
+    assert "undefined" in zero[1]["note"] and "says nothing" in zero[2]["note"]
 
 
 def test_merge_keeps_other_presets_and_prefers_smol_for_the_headline():
