@@ -251,3 +251,53 @@ def test_merge_keeps_other_presets_and_prefers_smol_for_the_headline():
     assert doc["headline"]["effective_accuracy"]["load_aware"] == 0.5 and "provisional" not in doc["headline"]
     doc = b.merge_results(doc, "tiny", run_tiny)  # a later tiny run does not take the headline from smol
     assert doc["headline"]["preset"] == "smol"
+
+
+# ---- the load client against a stub server on loopback (records, not timing)
+def test_open_loop_client_records_answers_refusals_and_unanswered():
+    import asyncio
+    import json
+
+    from aiohttp import web
+
+    release = None
+
+    async def handler(request):
+        kind = (await request.json())["messages"][0]["content"]
+        if kind == "ok":
+            return web.json_response({"choices": [{"message": {"content": "red"}}],
+                                      "adallava": {"budget": 0.75, "latency_ms": {"total": 5.0},
+                                                   "deadline_ms": 900.0}})  # fmt: skip
+        if kind == "busy":
+            return web.json_response({"error": {"code": "overloaded", "message": "busy"}}, status=429,
+                                     headers={"Retry-After": "2"})  # fmt: skip
+        await release.wait()  # never answers within the drain (released when the test ends)
+        return web.json_response({})
+
+    async def go():
+        nonlocal release
+        release = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        bodies = [json.dumps({"messages": [{"role": "user", "content": k}]}).encode() for k in ("ok", "busy", "hang")]
+        spec = {"url": f"http://127.0.0.1:{port}", "schedule": [0.0, 0.01, 0.02, 0.03], "drain_s": 0.5,
+                "timeout_s": 10.0, "connections": 8}  # fmt: skip
+        try:
+            return await b._open_loop(spec, bodies)
+        finally:
+            release.set()
+            await runner.cleanup()
+
+    recs = asyncio.run(go())
+    assert [r["i"] for r in recs] == [0, 1, 2, 0] and [r["t_sched"] for r in recs] == [0.0, 0.01, 0.02, 0.03]
+    assert [r["status"] for r in recs] == [200, 429, 0, 200]
+    assert recs[0]["budget"] == 0.75 and recs[0]["text"] == "red" and recs[0]["deadline_ms"] == 900.0
+    assert recs[0]["server_latency"] == {"total": 5.0}
+    assert recs[1]["code"] == "overloaded" and recs[1]["retry_after"] == "2"
+    assert recs[2]["code"] == "unanswered"
+    assert all(r["latency_ms"] >= 0 and r["lag_ms"] is not None for r in recs)
