@@ -15,7 +15,7 @@ What it does, in order (every step is printed, everything lands in the JSON):
 2. Capacity per budget: for each static budget b in `--budgets` (floor = ceiling = b, queueing, no 429), a
    saturating closed loop (`--capacity-concurrency` requests always in flight, default 2 x max_batch_size) for
    `--capacity-warmup-s` + `--capacity-s`; C(b) = answers per second in the measured window (its two halves are
-   reported as a stability check), acc(b) = accuracy of those answers.
+   reported as a stability check: "stable" when within 20% of each other), acc(b) = accuracy of those answers.
 3. The feasibility bound (serving-review.md 2.5, without the "shedding is free" shortcut left implicit): a policy
    serves a fraction x_b of the offered requests at budget b (and refuses the rest); serving at b costs 1/C(b) seconds
    of the replica per request, so at offered rate lam: maximise sum_b x_b acc(b) subject to sum_b x_b <= 1 and
@@ -622,6 +622,8 @@ class Bench:
         second = sum(1 for r in win if r["t_end"] >= half) / (a.capacity_s / 2)
         budgets = [r["budget"] for r in win if r.get("budget") is not None]
         return {"budget": budget, "rps": len(win) / a.capacity_s, "rps_first_half": first, "rps_second_half": second,
+                # the two halves of the window within 20% of each other; else the figure is not a steady state
+                "stable": abs(first - second) <= 0.2 * max(first, second, 1e-9),
                 "accuracy": sum(r["correct"] for r in win) / len(win) if win else None, "answers": len(win),
                 "errors": sum(1 for r in recs if r["status"] != 200), "concurrency": a.capacity_concurrency,
                 "p50_ms": percentile([r["latency_ms"] for r in win], 50),
@@ -765,7 +767,8 @@ def measure(bench: Bench, a) -> dict:
             c = bench.capacity(b)
             res["capacities"][str(b)] = c
             print(f"capacity at budget {b:.2f}: {c['rps']:.2f} req/s (halves {c['rps_first_half']:.2f} / "
-                  f"{c['rps_second_half']:.2f}), accuracy {c['accuracy']}, load avg {c['loadavg_end'][0]:.2f}",
+                  f"{c['rps_second_half']:.2f}{'' if c['stable'] else ': NOT STABLE, lengthen --capacity-s'}), accuracy "
+                  f"{c['accuracy']}, load avg {c['loadavg_end'][0]:.2f}",
                   flush=True)  # fmt: skip
         variants = a.variants
     caps = {float(k): v["rps"] for k, v in res["capacities"].items()}
