@@ -766,10 +766,10 @@ def measure(bench: Bench, a) -> dict:
         for b in sorted(a.budgets, reverse=True):
             c = bench.capacity(b)
             res["capacities"][str(b)] = c
+            unstable = "" if c["stable"] else ": NOT STABLE, lengthen --capacity-s"
             print(f"capacity at budget {b:.2f}: {c['rps']:.2f} req/s (halves {c['rps_first_half']:.2f} / "
-                  f"{c['rps_second_half']:.2f}{'' if c['stable'] else ': NOT STABLE, lengthen --capacity-s'}), accuracy "
-                  f"{c['accuracy']}, load avg {c['loadavg_end'][0]:.2f}",
-                  flush=True)  # fmt: skip
+                  f"{c['rps_second_half']:.2f}{unstable}), accuracy {c['accuracy']}, load avg "
+                  f"{c['loadavg_end'][0]:.2f}", flush=True)  # fmt: skip
         variants = a.variants
     caps = {float(k): v["rps"] for k, v in res["capacities"].items()}
     accs = {float(k): v["accuracy"] for k, v in res["capacities"].items() if v.get("accuracy") is not None}
