@@ -36,8 +36,10 @@ What it does, in order (every step is printed, everything lands in the JSON):
 Metrics per cell (`summarize_cell`): offered, served, refused by code, unanswered, p50/p95/p99 of admitted (served)
 requests, SLO attainment = answers (200) within the SLO / offered, mean budget of served answers, accuracy of served
 answers (adallava.data.score_answer, the scoring pipelines.evaluate uses), effective accuracy = answers both correct and
-within the SLO / offered (refusals and unanswered count as failures), client lag (a cell whose p99 lag passes a tenth
-of the SLO is flagged client_lagged), and os.getloadavg() before and after the cell.
+within the SLO / offered (refusals and unanswered count as failures), client lag = when the client handed the request
+to its HTTP stack minus the scheduled arrival (a cell whose p99 lag passes a tenth of the SLO is flagged
+client_lagged), send_ms = headers on the wire minus scheduled and connect_ms = new TCP connections' set-up (both hold
+the server's accept delay too), and os.getloadavg() before and after the cell.
 
 SuperServe's two figures (`superserve_figures`), per load multiple, from the median over repeats of each cell:
 - the static frontier at that load is the upper envelope of the static variants' points (SLO attainment s, served
@@ -121,7 +123,7 @@ def percentile(values, q: float):
 def summarize_cell(records, slo_ms: float, duration_s: float) -> dict:
     """records: one dict per counted arrival: status (int HTTP status, 0 = unanswered), code (error code or None),
     latency_ms (from the scheduled arrival), budget (served only), correct (bool or None when not scorable),
-    lag_ms (client lag, may be None). See the module doc for each metric."""
+    lag_ms (client lag, may be None), send_ms and connect_ms (may be absent). See the module doc for each metric."""
     n = len(records)
     ok = [r for r in records if r["status"] == 200]
     lat = [r["latency_ms"] for r in ok]
@@ -133,6 +135,8 @@ def summarize_cell(records, slo_ms: float, duration_s: float) -> dict:
     in_slo = [r for r in ok if r["latency_ms"] <= slo_ms]
     scored = [r for r in ok if r.get("correct") is not None]
     lags = [r["lag_ms"] for r in records if r.get("lag_ms") is not None]
+    sends = [r["send_ms"] for r in records if r.get("send_ms") is not None]
+    connects = [r["connect_ms"] for r in records if r.get("connect_ms") is not None]
     return {
         "offered": n, "offered_rps": n / duration_s if duration_s > 0 else None, "served": len(ok),
         "served_rps": len(ok) / duration_s if duration_s > 0 else None,
@@ -145,6 +149,9 @@ def summarize_cell(records, slo_ms: float, duration_s: float) -> dict:
         "accuracy_served": sum(bool(r["correct"]) for r in scored) / len(scored) if scored else None,
         "effective_accuracy": effective_accuracy(records, slo_ms),
         "client_lag_ms": {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags) if lags else None},
+        "send_ms": {"p50": percentile(sends, 50), "p99": percentile(sends, 99)},
+        "new_connections": len(connects),
+        "connect_ms": {"p50": percentile(connects, 50), "p99": percentile(connects, 99)},
     }  # fmt: skip
 
 
@@ -396,11 +403,17 @@ async def _post(session, url, body, rec):
 def _session(spec):
     import aiohttp
 
-    async def on_sent(_session, ctx, _params):
-        ctx.trace_request_ctx["rec"]["t_sent"] = time.perf_counter()
+    def stamp(key):
+        async def hook(_session, ctx, _params):
+            if ctx.trace_request_ctx:
+                ctx.trace_request_ctx["rec"][key] = time.perf_counter()
+
+        return hook
 
     trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(on_sent)
+    trace.on_request_headers_sent.append(stamp("t_sent"))
+    trace.on_connection_create_start.append(stamp("t_conn0"))  # a new TCP connection (none idle in the pool)
+    trace.on_connection_create_end.append(stamp("t_conn1"))
     conn = aiohttp.TCPConnector(limit=spec["connections"], force_close=False)
     return aiohttp.ClientSession(connector=conn, trace_configs=[trace],
                                  timeout=aiohttp.ClientTimeout(total=spec["timeout_s"]))  # fmt: skip
@@ -442,11 +455,16 @@ async def _open_loop(spec, bodies):
     for r in recs:
         unanswered = "t_done" not in r or r.get("status") is None
         t_end = r.get("t_done", deadline)
-        sent = r.get("t_sent", r["t_task"])  # headers on the wire; else (never sent) when its task started
+        # lag: the client's own delay, from the scheduled arrival to when it handed the request to its HTTP stack;
+        # send_ms: to its headers on the wire, which also holds a new connection's set-up (connect_ms): a server too
+        # starved to accept connections shows there, and is the server's latency, not the client's lag
+        connect = (r["t_conn1"] - r["t_conn0"]) * 1000 if "t_conn1" in r and "t_conn0" in r else None
         out.append({**{k: v for k, v in r.items() if not k.startswith("t_") or k == "t_sched"},
                     "status": 0 if unanswered else r["status"],
                     "code": r.get("code") or ("unanswered" if unanswered else None),
-                    "latency_ms": (t_end - r["t_abs"]) * 1000, "lag_ms": (sent - r["t_abs"]) * 1000})
+                    "latency_ms": (t_end - r["t_abs"]) * 1000, "lag_ms": (r["t_task"] - r["t_abs"]) * 1000,
+                    "send_ms": (r["t_sent"] - r["t_abs"]) * 1000 if "t_sent" in r else None,
+                    "connect_ms": connect})
     return out
 
 

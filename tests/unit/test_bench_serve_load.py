@@ -301,3 +301,5 @@ def test_open_loop_client_records_answers_refusals_and_unanswered():
     assert recs[1]["code"] == "overloaded" and recs[1]["retry_after"] == "2"
     assert recs[2]["code"] == "unanswered"
     assert all(r["latency_ms"] >= 0 and r["lag_ms"] is not None for r in recs)
+    assert all(r["send_ms"] is not None for r in recs)  # every request reached the wire
+    assert any(r["connect_ms"] is not None for r in recs)  # the first one opened a connection (after the warm-up GET's)
