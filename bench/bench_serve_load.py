@@ -67,6 +67,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -760,6 +761,7 @@ def main(argv=None):
     finally:
         if not a.url:
             bench.stop_server()
+        shutil.rmtree(bench.tmp, ignore_errors=True)  # the bundled questions, request bodies, client records
     run["config"]["unsupported_by_this_server"] = bench.unsupported
     run["config"]["server"] = ("external (--url)" if a.url else
                                "local: serve.app.build_app; keys this serve/ lacks are listed in "
