@@ -662,10 +662,11 @@ class Bench:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m bench.bench_serve_load", description=__doc__.split("\n\n")[0],
-                                epilog="Read the module docstring (python -c 'import bench.bench_serve_load as b; "
-                                       "help(b)') for how every figure is computed.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass  # the description (this module's docstring: what is measured and how) keeps its lines; defaults shown
+
+    p = argparse.ArgumentParser(prog="python -m bench.bench_serve_load", description=__doc__,
+                                formatter_class=Formatter)  # fmt: skip
     p.add_argument("--model", default="tiny", help="checkpoint dir, models:/<name>/<version> URI, or 'tiny'")
     p.add_argument("--preset", default=None, help="name the run is filed under in the JSON (default: from --model: "
                    "'tiny', 'smol' when the model names smol, else the folder name)")
