@@ -10,8 +10,8 @@ serve/ is one file per role:
   policy.py    deadlines -> admission and budgets (SlackFit), the latency model: pure functions
   autoscaling.py  replicas for the offered demand (refusals included) at full budget: a custom Serve policy
 
-Bounds (no unbounded queue): a model replica takes at most max_batch_size + max_queued_requests requests (Serve's
-max_ongoing_requests), the ingress's handle queues at most max_queued_requests more (Serve's max_queued_requests;
+Bounds (no unbounded queue): a model replica takes at most max_batch_size + max_queued_requests requests (the
+ingress's exact count; Serve's max_ongoing_requests is that + 2 for control calls), the ingress's handle queues at most max_queued_requests more (Serve's max_queued_requests;
 BackPressureError -> 429), the ingress itself sends at most replicas * (max_batch_size + max_queued_requests), and the
 Ingress deployment has its own max_ongoing/max_queued bound answered by Serve's proxy with 429 + Retry-After
 (BackpressureConfig).
@@ -42,7 +42,9 @@ def build_app(args: dict | ServeConfig | None = None):
     per_replica = cfg.max_batch_size + cfg.max_queued_requests
     shed = BackpressureConfig(status_code=429, retry_after_s=1)
     model = AdaLlavaModel.options(
-        autoscaling_config=autoscaling, max_ongoing_requests=per_replica,
+        # + 2: room for the info()/ping() control calls, which Serve counts too (the ingress's exact count keeps the
+        # chat requests themselves to per_replica)
+        autoscaling_config=autoscaling, max_ongoing_requests=per_replica + 2,
         max_queued_requests=cfg.max_queued_requests, backpressure_config=shed,
         ray_actor_options={"num_cpus": cfg.num_cpus}, health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
