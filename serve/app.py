@@ -3,18 +3,17 @@
 serve/ is one file per role:
   config.py    ServeConfig and how YAML args / key=value overrides map onto it
   protocol.py  the OpenAI schema, validation (4xx, never 5xx), images, response bodies, stop sequences
-  ingress.py   the HTTP edge: API key, CORS, body limit, validation, images decoded in threads, SSE
-  ingress.py   ... and admission at the edge (429 before any image is decoded), each request's deadline
+  ingress.py   the HTTP edge: API key, CORS, body limit, validation, each request's deadline, admission (429 before
+               any image is decoded), images decoded in threads, SSE
   replica.py   the model deployment: adallava.engine's continuous batching in a thread, budgets chosen at join, the
                latency profile (measured once per hardware kind, cached), metrics, the load board
   policy.py    deadlines -> admission and budgets (SlackFit), the latency model: pure functions
   autoscaling.py  replicas for the offered demand (refusals included) at full budget: a custom Serve policy
 
 Bounds (no unbounded queue): a model replica takes at most max_batch_size + max_queued_requests requests (the
-ingress's exact count; Serve's max_ongoing_requests is that + 2 for control calls), the ingress's handle queues at most max_queued_requests more (Serve's max_queued_requests;
-BackPressureError -> 429), the ingress itself sends at most replicas * (max_batch_size + max_queued_requests), and the
-Ingress deployment has its own max_ongoing/max_queued bound answered by Serve's proxy with 429 + Retry-After
-(BackpressureConfig).
+ingress's exact count; Serve's max_ongoing_requests is that + 2 for control calls), the ingress's handle queues at
+most max_queued_requests more (Serve's max_queued_requests; BackPressureError -> 429), and the Ingress deployment has
+its own max_ongoing/max_queued bound, answered by Serve's proxy with 429 + Retry-After (BackpressureConfig).
 
 `serve run serve/configs/tiny.yaml` and `serve run serve.app:build_app` import `build_app` from here.
 """

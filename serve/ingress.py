@@ -242,8 +242,10 @@ class OpenAIServer:
                                                         ev["finish_reason"], ev["prompt_tokens"],
                                                         ev["completion_tokens"], ev["adallava"]))  # fmt: skip
             gen = self.backend.stream(job)
-            try:
+            try:  # the status is sent with the first event: a refusal at its turn (429) must come before it
                 first = await gen.__anext__()
+                while first["type"] == "admitted":
+                    first = await gen.__anext__()
             except BackPressureError as e:
                 raise overloaded(f"overloaded: the model's queue is full ({e}); retry", _retry(e)) from None
             except Exception as e:  # noqa: BLE001
@@ -252,7 +254,7 @@ class OpenAIServer:
             if first["type"] == "error":
                 return SafeJSONResponse(first["body"], status_code=first["status"], headers=first.get("headers") or {})
             handed_over = True
-            return StreamingResponse(self._events(gen, job.request_id, created, t0, parsed.include_usage),
+            return StreamingResponse(self._events(_chain(first, gen), job.request_id, created, t0, parsed.include_usage),
                                      media_type="text/event-stream")  # fmt: skip
         finally:
             if not handed_over:
@@ -282,6 +284,12 @@ class OpenAIServer:
         finally:
             self.inflight.pop(cid, None)
         yield "data: [DONE]\n\n"
+
+
+async def _chain(first, gen):
+    yield first
+    async for ev in gen:
+        yield ev
 
 
 def overloaded(message: str, retry_s: int) -> APIError:

@@ -221,7 +221,8 @@ class AdaLlavaModel:
         except (OSError, StopIteration):
             pass
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        arch = {k: v for k, v in self.model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        names = ("_name_or_path", "transformers_version")
+        arch = {k: v for k, v in self.model.config.to_dict().items() if k not in names}
         key = json.dumps({"cpu": cpu, "gpu": gpu, "threads": self.cfg.torch_threads, "B": self.cfg.max_batch_size,
                           "K": self.cfg.profile_tokens, "arch": arch}, sort_keys=True, default=str)  # fmt: skip
         root = Path(self.cfg.profile_cache or Path.home() / ".cache" / "adallava" / "profiles").expanduser()
@@ -392,6 +393,7 @@ class AdaLlavaModel:
 
     async def _events(self, job: Job):
         self._ensure_reporter()
+        self.offered.observe(time.monotonic(), job.offered)
         loop = asyncio.get_running_loop()
         try:
             request = await loop.run_in_executor(self.prep, self._prepare, job)
@@ -405,7 +407,6 @@ class AdaLlavaModel:
             return
         self.ongoing += 1
         job.arrival = time.time()
-        self.offered.observe(time.monotonic(), job.offered)
         live = _Live(job, request, asyncio.Queue(), loop)
         live.deadline_ms = job.t_ingress * 1000 + job.deadline_ms + self.clock_offset_s * 1000
         finished = False
@@ -500,7 +501,8 @@ class AdaLlavaModel:
             "prompt_tokens": job.prompt_tokens, "completion_tokens": n_tokens,
             "adallava": {
                 "budget": live.budget, "budget_server": live.server_budget, "budget_cap": job.budget_cap,
-                "latency_ms_target": job.latency_ms, "deadline_ms": job.deadline_ms, "execution_plan": fin.execution_plan, "flops": fin.flops,
+                "latency_ms_target": job.latency_ms, "deadline_ms": job.deadline_ms,
+                "execution_plan": fin.execution_plan, "flops": fin.flops,
                 "latency_ms": {"total": round(total_ms, 2), "queue": round((live.t_join - job.t_ingress) * 1000, 2),
                                "prefill": round(fin.prefill_s * 1000, 2),
                                "decode": round((now - live.t_join) * 1000 - fin.prefill_s * 1000, 2),

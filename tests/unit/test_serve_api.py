@@ -261,6 +261,18 @@ def test_an_error_after_streaming_began_is_an_error_event_then_done(failure):
     assert json.loads(evs[1])["choices"][0]["delta"]["content"] == "a"
 
 
+def test_a_stream_refused_at_its_turn_is_a_429_not_a_200_stream():
+    """The replica answers "admitted", then refuses the request when its turn comes (deadline_exceeded): the status
+    is sent with the first real event, so the client sees the 429 and its Retry-After."""
+    refusal = {"type": "error", "status": 429, "headers": {"Retry-After": "7"},
+               "body": {"error": {"message": "deadline exceeded", "type": "rate_limit_error", "param": None,
+                                  "code": "deadline_exceeded"}}}  # fmt: skip
+    client, _ = make_client(FakeBackend(stream_script=[refusal]))
+    r = client.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.status_code == 429 and r.headers["retry-after"] == "7"
+    assert r.json()["error"]["code"] == "deadline_exceeded"
+
+
 # ---------------------------------------------------------------------------------------------------------- operations
 
 
