@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 EPS = 1e-9
 
@@ -98,7 +98,6 @@ class LatencyProfile:
     decode_ms_b: list[float]  # one decode step, max_batch_size running requests
     overhead_ms: float = 0.0  # per request, whatever the budget: template, tokenizer, image processor
     source: str = "measured"  # measured | cache | config
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.budgets or list(self.budgets) != sorted(self.budgets):

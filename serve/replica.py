@@ -89,7 +89,6 @@ class Job:
     attention: bool = False  # issue 14: return the latency token's attention over the image (adallava.attention)
     deadline_ms: float = math.inf  # min(policy.slo_ms, latency_ms): the deadline, relative to t_ingress
     offered: int = 0  # the ingress's running total of offered requests (admitted or refused), for the autoscaler
-    arrival: float = 0.0  # time.time() at the replica
     prompt_tokens: int = 0
 
 
@@ -406,7 +405,6 @@ class AdaLlavaModel:
                                           code="invalid_request"))  # fmt: skip
             return
         self.ongoing += 1
-        job.arrival = time.time()
         live = _Live(job, request, asyncio.Queue(), loop)
         live.deadline_ms = job.t_ingress * 1000 + job.deadline_ms + self.clock_offset_s * 1000
         finished = False
