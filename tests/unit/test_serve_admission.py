@@ -196,3 +196,49 @@ def test_back_pressure_from_the_handle_is_a_429_with_retry_after(stream):
             assert r.headers["retry-after"] == "3" and srv.inflight == {}
 
     run(main())
+
+
+# ---------------------------------------------------------------------------------------------------------- profile cache
+
+
+class FakeReplica:
+    """What AdaLlavaModel's profile methods read: config, grid, torch, the model's config; measuring is counted."""
+
+    def __init__(self, tmp_path, **cfg):
+        import torch
+
+        from serve.replica import AdaLlavaModel
+
+        self.cfg = make_config({"profile_cache": str(tmp_path), "max_batch_size": 2, **cfg})
+        self.grid, self.torch, self.measured = GRID, torch, 0
+        self.model = type("M", (), {"config": type("C", (), {"to_dict": lambda _: {"layers": 4, "_name_or_path": "x"}})()})()
+        cls = AdaLlavaModel.func_or_class
+        self._profile_path = cls._profile_path.__get__(self)
+        self.load = cls._load_profile.__get__(self)
+
+    def _measure_profile(self):
+        from serve.policy import LatencyProfile
+
+        self.measured += 1
+        return LatencyProfile.from_dict(PROFILE, source="measured")
+
+
+def test_a_profile_is_measured_once_per_hardware_kind_and_then_read_from_the_cache(tmp_path):
+    first = FakeReplica(tmp_path)
+    assert first.load().source == "measured" and first.measured == 1
+    again = FakeReplica(tmp_path)  # a replica starting later (say, under load) reuses the quiet measurement
+    p = again.load()
+    assert p.source == "cache" and again.measured == 0 and p.prefill_ms == PROFILE["prefill_ms"]
+    other = FakeReplica(tmp_path, torch_threads=2)  # another hardware kind: its own file, measured
+    assert other._profile_path() != first._profile_path() and other.load().source == "measured"
+    first._profile_path().write_text("{not json")  # a damaged cache is measured again, not trusted
+    assert FakeReplica(tmp_path).load().source == "measured"
+
+
+def test_a_profile_in_config_is_used_as_is_and_must_match_the_model(tmp_path):
+    r = FakeReplica(tmp_path, profile=PROFILE)
+    assert r.load().source == "config" and r.measured == 0
+    with pytest.raises(ValueError, match="must be the model's budget grid"):
+        FakeReplica(tmp_path, profile={**PROFILE, "budgets": [0.5, 0.6, 1.0]}).load()
+    with pytest.raises(ValueError, match="must be max_batch_size 4"):
+        FakeReplica(tmp_path, profile=PROFILE, max_batch_size=4).load()
