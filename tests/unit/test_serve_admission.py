@@ -104,8 +104,9 @@ def test_past_the_floor_429_comes_without_decoding_the_image():
             r = await c.post("/v1/chat/completions", json=with_image())
             assert r.status_code == 429, r.text
             assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "rate_limit_error"
-            # the excess (4.5 - 3.75 units = 75 s) in whole seconds, rounded up: the milliseconds since its arrival count
-            assert r.headers["retry-after"] in ("75", "76")
+            # the excess (4.5 - 3.75 units = 75 s) in whole seconds, rounded up; the time since its arrival counts too
+            # (milliseconds here, a few seconds on a machine under heavy load)
+            assert 75 <= int(r.headers["retry-after"]) <= 80
             assert len(decoded) == 6 and len(backend.jobs) == 6  # refused before its image, never sent to the model
             backend.release.set()
             assert [x.status_code for x in await asyncio.gather(*held)] == [200] * 6
