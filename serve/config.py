@@ -21,22 +21,30 @@ class ServeConfig:
     max_batch_size: int = 8
     torch_threads: int = 1  # one core per replica on small CPU machines; raise on bigger ones
     num_cpus: float = 1.0  # Ray resources per model replica
-    # autoscaling: scale on ongoing requests per replica (running + waiting); target = one full batch
+    # bounded queues: a model replica holds at most max_batch_size running + max_queued_requests waiting (Serve's
+    # max_ongoing_requests), the ingress sends at most replicas * that, and Serve's max_queued_requests bounds what waits
+    # at the ingress's handle; beyond any bound: 429 + Retry-After (code "overloaded"), never an unbounded queue
+    max_queued_requests: int = 8
+    # autoscaling on offered demand, refusals included, sized for the ceiling budget (serve/autoscaling.py)
     min_replicas: int = 1
     max_replicas: int = 2
     initial_replicas: int | None = None
-    target_ongoing_requests: float = 8.0
-    max_ongoing_requests: int = 64  # high, so requests wait in the replica (where the load board counts them)
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
     look_back_period_s: float = 5.0
-    metrics_interval_s: float = 1.0  # how often replicas report to the autoscaler (must be < look_back_period_s)
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     load_report_interval_s: float = 0.1  # replicas <-> load board; budgets react within a few of these
     stale_after_s: float = 1.0  # a replica silent for this long no longer counts
     profile_tokens: int = 8  # decode steps per profile measurement at replica start
-    fault_injection: bool = False  # lets tests make a replica fail its health check; never on in production
+    # latency profiles are cached per hardware kind (CPU model / GPU name, torch threads, max_batch_size, model
+    # architecture): a replica that starts under load reuses the one measured quiet. None: ~/.cache/adallava/profiles
+    profile_cache: str | None = None
+    # a latency table instead of measuring (serve.policy.LatencyProfile's keys; taken as is, no contention factor):
+    # for deployments that know their costs, and for tests whose decisions must depend on counts, not machine speed
+    profile: dict | None = None
+    # test hooks (a replica failing its health check, the engine paused, the replica's clock moved); never in production
+    fault_injection: bool = False
     # HTTP: an API key (Bearer) on /v1/* when set (or from $ADALLAVA_API_KEY); CORS off unless origins are listed
     api_key: str | None = None
     cors_allow_origins: list[str] = field(default_factory=list)

@@ -5,7 +5,19 @@ threads, the call to the model and the response or the server-sent events) again
 (info, generate, stream, ping), so it runs without Ray in unit tests; `create_app(server)` builds the FastAPI app
 (routes, CORS, error bodies); the `Ingress` deployment builds one per replica at start (`__serve_build_asgi_app__`, where
 more routes can be mounted; Serve keeps it as `self.app`), and talks to the model through its DeploymentHandle.
-Admission at the edge (issue 11) belongs in `OpenAIServer.chat_completions`, before `validate_request` decodes images.
+
+Admission at the edge, in `chat_completions`, after the cheap checks (body, JSON, schema, structure: check_request)
+and before any image is decoded or any model replica is touched:
+  1. the deadline: arrival + min(policy.slo_ms, latency_ms); a latency_ms below what the model reaches alone at the
+     floor budget is a 400 naming the achievable range;
+  2. the bound: at most replicas * (max_batch_size + max_queued_requests) requests in flight (sent to the model, not
+     finished), counted exactly here; beyond it 429 "overloaded" + Retry-After (whatever policy.reject says);
+  3. the prediction (policy.reject=True): serve.policy.admission over this ingress's in-flight requests split over
+     the replicas, the replica profile from info() and the contention factor piggybacked on responses (no
+     per-request actor call); a request whose deadline even the floor cannot meet gets 429 "overloaded" +
+     Retry-After at once, its image never decoded.
+The handle's own bound (the model deployment's max_queued_requests) raises BackPressureError: 429 "overloaded" too.
+Every request counts in `offered` (admitted or refused), stamped on each job for the autoscaler.
 """
 
 from __future__ import annotations
@@ -14,18 +26,21 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from serve.config import ServeConfig
 from serve.playground import mount_playground
+from serve.policy import LatencyProfile, achievable_ms, admission, drain_ms
 from serve.protocol import (
-    APIError, ParsedRequest, chunk_body, completion_body, error_body, load_image, parse_json, parse_request,
-    usage_chunk, validate_request,
+    APIError, ParsedRequest, bad_request, check_request, chunk_body, completion_body, decode_images, error_body,
+    load_image, parse_json, parse_request, usage_chunk,
 )  # fmt: skip
 from serve.replica import Job
 
@@ -68,7 +83,12 @@ class OpenAIServer:
         self.backend, self.cfg = backend, cfg
         self.api_key = cfg.resolved_api_key()
         self.info: dict | None = None
+        self.profile: LatencyProfile | None = None
         self._decode_slots: asyncio.Semaphore | None = None
+        # admission state, exact and local: requests sent to the model and not finished (id -> max_tokens, in send
+        # order), the live replicas and the contention factor (both piggybacked on responses), offered requests
+        self.inflight: dict[str, int] = {}
+        self.replicas, self.kappa, self.offered = 1, 1.0, 0
 
     # ---- edge checks
     def check_api_key(self, request: Request):
@@ -96,8 +116,47 @@ class OpenAIServer:
 
     async def model_info(self) -> dict:
         if self.info is None:
-            self.info = await self.backend.info()
+            info = await self.backend.info()
+            self.profile = LatencyProfile.from_dict(info["profile"])
+            self._learn(info)
+            self.info = info
         return self.info
+
+    def _learn(self, ada: dict):
+        """The replicas' view, piggybacked on info() and on every response: live replicas, contention factor."""
+        load = ada.get("load") or {}
+        if isinstance(load.get("replicas"), int) and load["replicas"] >= 1:
+            self.replicas = load["replicas"]
+        if isinstance(load.get("contention"), (int, float)) and load["contention"] > 0:
+            self.kappa = float(load["contention"])
+
+    def admit(self, rid: str, parsed: ParsedRequest, t0: float) -> float:
+        """Edge admission (see the module docstring): the request's deadline (ms after arrival), or an APIError. On
+        success the request counts as in flight (the caller releases it)."""
+        policy, p = self.cfg.policy, self.profile
+        lo, hi = achievable_ms(p, policy, parsed.max_tokens)
+        if parsed.latency_ms is not None and parsed.latency_ms < lo:
+            raise bad_request(f"latency_ms={parsed.latency_ms:g} is below what this model can reach for "
+                              f"max_tokens={parsed.max_tokens}: the achievable range is {lo:.0f} ms (budget "
+                              f"{policy.floor:g}, alone) to {hi:.0f} ms (budget {policy.ceiling:g}, alone) and more "
+                              f"under load", param="latency_ms", code="latency_unreachable")  # fmt: skip
+        deadline_ms = min(policy.slo_ms, parsed.latency_ms if parsed.latency_ms is not None else math.inf)
+        now = time.time() * 1000
+        inflight = list(self.inflight.values())
+        bound = self.replicas * (self.cfg.max_batch_size + self.cfg.max_queued_requests)
+        if len(inflight) >= bound:
+            retry = max(1, math.ceil(drain_ms(p, policy, now, inflight, self.replicas, self.kappa) / 1000))
+            raise overloaded(f"overloaded: {len(inflight)} requests in flight, the bound is {bound} "
+                             f"({self.replicas} replica(s) x (max_batch_size {self.cfg.max_batch_size} + "
+                             f"max_queued_requests {self.cfg.max_queued_requests})); retry after {retry} s", retry)
+        retry = admission(p, policy, now, t0 * 1000 + deadline_ms, inflight, self.replicas, parsed.max_tokens,
+                          self.kappa)  # fmt: skip
+        if retry is not None:
+            raise overloaded(f"overloaded: even the lowest budget ({policy.floor:g}) cannot meet this request's "
+                             f"{deadline_ms:g} ms deadline behind the {len(inflight)} requests in flight; retry after "
+                             f"{retry} s", retry)  # fmt: skip
+        self.inflight[rid] = parsed.max_tokens
+        return deadline_ms
 
     async def _load_image(self, url: str, param: str):
         if self._decode_slots is None:
@@ -152,48 +211,66 @@ class OpenAIServer:
         if req.model is not None and req.model != self.cfg.model_name:
             raise self._not_found(req.model)
         info = await self.model_info()
-        parsed: ParsedRequest = await validate_request(req, self.cfg.limits, tuple(info["budget_range"]),
-                                                       self._load_image)  # fmt: skip
-        job = Job(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}", messages=parsed.messages, images=parsed.images,
-                  max_tokens=parsed.max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
-                  budget_cap=parsed.budget_cap, latency_ms=parsed.latency_ms, stop=parsed.stop, seed=parsed.seed,
-                  stream=parsed.stream, t_ingress=t0, attention=parsed.attention)  # fmt: skip
-        if parsed.user:
-            logger.info(f"{job.request_id} user={ascii(parsed.user)}")
-        created = int(t0)
-        if not parsed.stream:
-            try:
-                ev = await self.backend.generate(job)
-            except Exception as e:  # noqa: BLE001 - the model deployment failed, not the client
+        parsed: ParsedRequest = check_request(req, self.cfg.limits, tuple(info["budget_range"]))
+        self.offered += 1
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        deadline_ms = self.admit(rid, parsed, t0)  # before any image is decoded
+        handed_over = False  # a stream releases its in-flight slot when it ends
+        try:
+            await decode_images(parsed, self._load_image)
+            job = Job(request_id=rid, messages=parsed.messages, images=parsed.images, max_tokens=parsed.max_tokens,
+                      temperature=parsed.temperature, top_p=parsed.top_p, budget_cap=parsed.budget_cap,
+                      latency_ms=parsed.latency_ms, stop=parsed.stop, seed=parsed.seed, stream=parsed.stream,
+                      t_ingress=t0, attention=parsed.attention, deadline_ms=deadline_ms,
+                      offered=self.offered)  # fmt: skip
+            if parsed.user:
+                logger.info(f"{job.request_id} user={ascii(parsed.user)}")
+            created = int(t0)
+            if not parsed.stream:
+                try:
+                    ev = await self.backend.generate(job)
+                except BackPressureError as e:
+                    raise overloaded(f"overloaded: the model's queue is full ({e}); retry", _retry(e)) from None
+                except Exception as e:  # noqa: BLE001 - the model deployment failed, not the client
+                    logger.exception("model call failed")
+                    return SafeJSONResponse(error_body(f"the model deployment failed ({type(e).__name__}); retry"), 503)
+                if ev["type"] == "error":
+                    return SafeJSONResponse(ev["body"], status_code=ev["status"], headers=ev.get("headers") or {})
+                self._learn(ev["adallava"])
+                ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
+                return SafeJSONResponse(completion_body(job.request_id, created, self.cfg.model_name, ev["text"],
+                                                        ev["finish_reason"], ev["prompt_tokens"],
+                                                        ev["completion_tokens"], ev["adallava"]))  # fmt: skip
+            gen = self.backend.stream(job)
+            try:  # the status is sent with the first event: a refusal at its turn (429) must come before it
+                first = await gen.__anext__()
+                while first["type"] == "admitted":
+                    first = await gen.__anext__()
+            except BackPressureError as e:
+                raise overloaded(f"overloaded: the model's queue is full ({e}); retry", _retry(e)) from None
+            except Exception as e:  # noqa: BLE001
                 logger.exception("model call failed")
                 return SafeJSONResponse(error_body(f"the model deployment failed ({type(e).__name__}); retry"), 503)
-            if ev["type"] == "error":
-                return SafeJSONResponse(ev["body"], status_code=ev["status"], headers=ev.get("headers") or {})
-            ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
-            return SafeJSONResponse(completion_body(job.request_id, created, self.cfg.model_name, ev["text"],
-                                                    ev["finish_reason"], ev["prompt_tokens"],
-                                                    ev["completion_tokens"], ev["adallava"]))  # fmt: skip
-        gen = self.backend.stream(job)
-        try:
-            first = await gen.__anext__()
-        except Exception as e:  # noqa: BLE001
-            logger.exception("model call failed")
-            return SafeJSONResponse(error_body(f"the model deployment failed ({type(e).__name__}); retry"), 503)
-        if first["type"] == "error":
-            return SafeJSONResponse(first["body"], status_code=first["status"], headers=first.get("headers") or {})
-        return StreamingResponse(self._events(gen, job.request_id, created, t0, parsed.include_usage),
-                                 media_type="text/event-stream")  # fmt: skip
+            if first["type"] == "error":
+                return SafeJSONResponse(first["body"], status_code=first["status"], headers=first.get("headers") or {})
+            handed_over = True
+            return StreamingResponse(self._events(_chain(first, gen), job.request_id, created, t0, parsed.include_usage),
+                                     media_type="text/event-stream")  # fmt: skip
+        finally:
+            if not handed_over:
+                self.inflight.pop(rid, None)
 
     async def _events(self, gen, cid: str, created: int, t0: float, include_usage: bool):
         """Server-sent events. An error after the stream began cannot change the status code any more: it goes out
         as an error event (OpenAI's {"error": ...} shape), then [DONE], so a client never hangs on a cut stream."""
         name = self.cfg.model_name
-        yield _sse(chunk_body(cid, created, name, {"role": "assistant", "content": ""}))
         try:
+            yield _sse(chunk_body(cid, created, name, {"role": "assistant", "content": ""}))
             async for ev in gen:
                 if ev["type"] == "delta":
                     yield _sse(chunk_body(cid, created, name, {"content": ev["text"]}))
                 elif ev["type"] == "done":
+                    self._learn(ev["adallava"])
                     ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
                     yield _sse(chunk_body(cid, created, name, {}, ev["finish_reason"], ev["adallava"]))
                     if include_usage:
@@ -204,7 +281,23 @@ class OpenAIServer:
         except Exception as e:  # noqa: BLE001
             logger.exception("stream failed")
             yield _sse(error_body(f"the stream failed ({type(e).__name__})"))
+        finally:
+            self.inflight.pop(cid, None)
         yield "data: [DONE]\n\n"
+
+
+async def _chain(first, gen):
+    yield first
+    async for ev in gen:
+        yield ev
+
+
+def overloaded(message: str, retry_s: int) -> APIError:
+    return APIError(429, message, code="overloaded", type="rate_limit_error", headers={"Retry-After": str(retry_s)})
+
+
+def _retry(e: BackPressureError) -> int:
+    return max(1, math.ceil(e.retry_after_s or 1))
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
@@ -239,7 +332,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
     return app
 
 
-@serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})  # bounds: serve/app.py
 @serve.ingress()
 class Ingress:
     def __init__(self, model, cfg: ServeConfig):

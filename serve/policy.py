@@ -1,263 +1,316 @@
-"""Cluster-wide load -> each request's budget. Pure functions plus one small stateful controller; no Ray, no torch.
+"""Deadlines -> admission and budgets (SlackFit for AdaLLaVA). Pure functions over a latency profile; no Ray, no torch.
 
-The load signal is L = ongoing requests (running + waiting in the batch queue) summed over all replicas of the model
-deployment, divided by the number of live replicas: requests per replica. (serve/app.py explains how the replicas
-share their counts.)
+Every request carries a deadline, fixed at the ingress when it arrives:
 
-Cost model (one function, `batch_ms`, swappable for adallava/cost.py tables later): each replica measures at start, for
-every budget level b of the model's own grid, the wall time of a batch of 1 and of max_batch_size requests for the
-prefill and for each decoded token; the time of a batch of n is the straight line between the two. A request that
-arrives when a replica already holds L requests waits for about L / B batches of size min(L, B), its own included:
+    deadline = arrival + min(slo_ms, the client's latency_ms)
 
-    predicted_ms(b, L) = max(1, L / B) * (prefill_ms(b, n) + tokens * decode_ms(b, n)),   n = min(max(L, 1), B)
+Latency model (no feedback loop). A replica runs adallava.engine's continuous batching: one engine step decodes one
+token for every running request, then prefills waiting requests one by one while a row is free (at most B =
+max_batch_size running). The profile holds, per budget level b of the model's grid, the engine's own costs measured on
+the engine alone: prefill(b) (one request), decode(b, 1) and decode(b, B) (one step with 1 or B rows; straight line in
+between), and apart from them a fixed per-request overhead (template, tokenizer, image processor: it does not follow
+the budget). A step with rows at budgets b_1..b_n costs the mean of decode(b_i, n). The replica measures a contention
+factor kappa on engine steps only: measured step time over the profile's prediction *for the same work* (the same
+rows at the same budgets), median of recent windows, within [1/contention_max, contention_max]. A lower budget lowers
+both sides of that ratio, so kappa cannot feed back through the budget (the old design divided whole-batch wall time,
+overheads included, by generate time: a lower budget read as more slowdown). kappa multiplies engine compute only.
 
-The instantaneous policy picks the highest budget level whose predicted latency meets the target (SLO):
+`simulate` plays the engine forward from now: running rows (budget, remaining steps) and the FIFO queue behind them
+(budget, max_tokens), jumping from one finish to the next (the composition is constant in between), and returns each
+request's predicted finish. It is exact for this model and costs O(requests), whatever max_tokens is.
 
-    f(L) = max{ b in levels : predicted_ms(b, L) <= slo_ms }, or the floor when none does.
+Edge admission (ingress, before any image is decoded). The ingress counts exactly the requests it has sent to the
+model and not yet seen finish, and splits them over the live replicas in send order (Serve's router balances them);
+the new request goes behind the shortest share. With everything at the floor budget:
 
-predicted_ms is non-decreasing in L for every b (more batches ahead and fuller batches), so the feasible set shrinks
-as L grows and f is monotone non-increasing in L. Profiles are made monotone in b at construction (cummax), so f is
-well-defined even when the measurement is noisy.
+    admit  iff  now + overhead + finish_floor(share + new) <= deadline
+    else 429 "overloaded", Retry-After = ceil((predicted - deadline) / 1 s) (>= 1)   [policy.reject=True]
 
-Smoothing and hysteresis (BudgetController): L is smoothed with an exponential moving average (time constant
-`smoothing_s`, about a second: the autoscaler looks back 30 s and waits before acting, so budgets settle well before it
-moves). The budget falls as soon as f(smoothed L) says so, but rises only to f((1 + hysteresis) * smoothed L): a level
-is regained only when the load has fallen clearly below the level that forced it down. In one line:
+and, whatever the policy, at most replicas * (max_batch_size + max_queued_requests) in flight: back-pressure beyond it.
 
-    b_next = min(f(L_s), max(b_now, f((1 + h) * L_s)))
+Budget at join (`choose_budget`, the replica's engine thread, when a request takes a row). With the rows running, the
+requests already joining, the new request r at budget b and the requests queued behind it at the floor:
 
-Online correction of the cost model (SlowdownEstimator). The profile is measured once, at replica start, usually on
-a quiet machine; under load the proxy, the ingress and the load generator share the same cores and real batches run
-several times slower than profiled, so a policy that trusts the profile keeps budgets too high and the queue grows
-past the SLO. Each batch knows both numbers: the profile's prediction for its size, budgets and decoded steps, and
-its measured wall time (preprocessing and streaming included: that is what the queue behind it waits for). The
-replica keeps a slowdown factor
+    feasible(b) = finish_b(r) <= deadline(r)  and  late_b(others) is a subset of late_floor(others)
+    budget(r)   = max{ b in levels : feasible(b) }                 (levels: the grid within [floor, ceiling])
 
-    phi = median of the last `slowdown_window` ratios measured/predicted, each clipped to [min, max],
+the highest budget that meets r's deadline without making anyone behind or beside it miss a deadline they would have
+met had r run at the floor. When even the floor misses r's deadline: refused with 429 "deadline_exceeded" at once,
+never computed (reject=True), or run at the floor anyway (reject=False: bounded queues, served late). The choice is
+monotone: more work ahead or a tighter deadline never gives a higher budget, and an idle replica gives the ceiling
+to any request that can meet its deadline at the ceiling (no state survives a burst: budgets are back at full as soon
+as the queue has drained). A client's `budget` only caps it (`apply_caps`).
 
-seeded with the window full of 1.0 (trust the profile until batches say otherwise) and multiplies every prediction
-by it: predicted_ms(b, L) * phi. The median, not a mean, so one slow batch (a GC pause, a co-tenant burst) moves
-nothing: it takes more than half the window of slow batches to change phi, and phi never leaves [min, max] however
-wild a sample is. A replica busy enough to matter runs several batches a second, so phi follows a change in
-contention within a couple of seconds, about as fast as the smoothed load.
-
-The factor is kept per replica, not shared through the load board: it corrects this replica's own profile, and what
-it measures (co-tenants, CPU model, thermal state) is a property of the replica's node; a cluster-wide average would
-slow down fast nodes and speed up slow ones. Replicas on one machine see the same contention and learn the same
-factor on their own.
-
-predicted_ms * phi is non-decreasing in L and in phi, so f stays monotone non-increasing in load (at a given phi)
-and in phi (at a given load); the hysteresis band applies unchanged.
-
-Admission: when even the floor is predicted (phi included) to take longer than reject_factor * slo_ms at the load the
-request would join, it is refused at once with 429 and Retry-After = the predicted excess, rounded up to whole
-seconds (what the queue needs to drain), rather than queued to miss the SLO anyway.
-
-Caps: a client's `budget` and `latency_ms` only ever lower the budget (min of the server's choice and the caps).
+Autoscaling (serve/autoscaling.py): a replica's capacity at a budget is 1000 / (overhead + prefill + (T-1) *
+decode(b, B) / B) requests per second (B rows sharing each decode step, T = policy.tokens).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
+
+EPS = 1e-9
 
 
 @dataclass
 class PolicyConfig:
     floor: float = 0.5  # the lowest budget the server picks by itself (clients may ask for less)
     ceiling: float = 1.0  # the highest; floor == ceiling gives a static budget (the benchmark's baselines)
-    slo_ms: float = 2000.0  # latency target the policy keeps requests under
-    tokens: int = 32  # tokens per request the cost model assumes (the server's default max_tokens)
-    smoothing_s: float = 1.0  # EMA time constant of the load signal
-    hysteresis: float = 0.25  # a level comes back only when the load is 25% below the level that forced it down
-    reject: bool = True  # 429 when even the floor cannot meet reject_factor * slo_ms; False: queue instead
-    reject_factor: float = 1.0
-    # online correction of the start-up profile (see SlowdownEstimator); min == max == 1 turns it off
-    slowdown_window: int = 8  # batches in the median; > half of them must be slow to move the factor
-    slowdown_min: float = 0.5
-    slowdown_max: float = 10.0  # bounds: one wild measurement can never collapse (or inflate) the budgets
+    slo_ms: float = 2000.0  # every request's deadline is arrival + min(slo_ms, the client's latency_ms)
+    # True: a request whose deadline the floor cannot meet is refused with 429 at once (at the edge, or at its turn);
+    # False: it waits in the bounded queues and runs at the floor, late
+    reject: bool = True
+    tokens: int = 32  # tokens per request the autoscaler's capacity assumes (the server's default max_tokens)
+    target_utilization: float = 0.8  # the autoscaler sizes replicas so the ceiling budget runs at this utilization
+    contention_window: int = 8  # windows of engine steps in the contention factor's median
+    contention_max: float = 10.0  # kappa stays within [1/contention_max, contention_max]; 1 turns it off
 
     def check(self, budget_range: tuple[float, float]) -> "PolicyConfig":
         lo, hi = budget_range
-        if not lo - 1e-9 <= self.floor <= self.ceiling <= hi + 1e-9:
+        if not lo - EPS <= self.floor <= self.ceiling <= hi + EPS:
             raise ValueError(f"policy needs {lo:g} <= floor <= ceiling <= {hi:g}; got floor={self.floor}, "
                              f"ceiling={self.ceiling}")  # fmt: skip
-        for name in ("slo_ms", "tokens", "smoothing_s", "reject_factor"):
+        for name in ("slo_ms", "tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"policy.{name} must be > 0, got {getattr(self, name)}")
-        if self.hysteresis < 0:
-            raise ValueError(f"policy.hysteresis must be >= 0, got {self.hysteresis}")
-        if not 0 < self.slowdown_min <= 1.0 <= self.slowdown_max:
-            raise ValueError(f"policy needs 0 < slowdown_min <= 1 <= slowdown_max; got slowdown_min="
-                             f"{self.slowdown_min}, slowdown_max={self.slowdown_max}")  # fmt: skip
-        if not (isinstance(self.slowdown_window, int) and self.slowdown_window >= 1):
-            raise ValueError(f"policy.slowdown_window must be an integer >= 1, got {self.slowdown_window!r}")
+        if not 0 < self.target_utilization <= 1:
+            raise ValueError(f"policy.target_utilization must be in (0, 1], got {self.target_utilization}")
+        if not self.contention_max >= 1:
+            raise ValueError(f"policy.contention_max must be >= 1, got {self.contention_max}")
+        if not (isinstance(self.contention_window, int) and self.contention_window >= 1):
+            raise ValueError(f"policy.contention_window must be an integer >= 1, got {self.contention_window!r}")
         return self
+
+
+PROFILE_KEYS = ("budgets", "max_batch_size", "prefill_ms", "decode_ms_1", "decode_ms_b", "overhead_ms")
 
 
 @dataclass
 class LatencyProfile:
-    """Measured (or tabled) batch latencies per budget level; lists are aligned with `budgets` (ascending)."""
+    """Engine costs per budget level (lists aligned with `budgets`, ascending), measured or given as a table."""
 
     budgets: list[float]
     max_batch_size: int
-    prefill_ms_1: list[float]  # batch of 1
-    prefill_ms_b: list[float]  # batch of max_batch_size
-    decode_ms_1: list[float]  # per generated token
-    decode_ms_b: list[float]
-    source: str = "measured"
-    extra: dict = field(default_factory=dict)
+    prefill_ms: list[float]  # one request's prefill (the engine prefills each joining request alone)
+    decode_ms_1: list[float]  # one decode step, 1 running request
+    decode_ms_b: list[float]  # one decode step, max_batch_size running requests
+    overhead_ms: float = 0.0  # per request, whatever the budget: template, tokenizer, image processor
+    source: str = "measured"  # measured | cache | config
 
     def __post_init__(self):
-        if list(self.budgets) != sorted(self.budgets) or not self.budgets:
+        if not self.budgets or list(self.budgets) != sorted(self.budgets):
             raise ValueError("profile budgets must be a non-empty ascending list")
+        if not (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1):
+            raise ValueError(f"profile.max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         # more compute never predicts less time: cummax over budgets removes measurement noise
-        for name in ("prefill_ms_1", "prefill_ms_b", "decode_ms_1", "decode_ms_b"):
-            vals = [max(float(v), 0.0) for v in getattr(self, name)]
+        for name in ("prefill_ms", "decode_ms_1", "decode_ms_b"):
+            vals = [float(v) for v in getattr(self, name)]
             if len(vals) != len(self.budgets):
-                raise ValueError(f"profile.{name} needs one value per budget")
+                raise ValueError(f"profile.{name} needs one value per budget ({len(self.budgets)}), got {len(vals)}")
+            if not all(math.isfinite(v) and v >= 0 for v in vals):
+                raise ValueError(f"profile.{name} must hold finite values >= 0, got {vals}")
             setattr(self, name, [max(vals[: i + 1]) for i in range(len(vals))])
+        self.decode_ms_b = [max(a, b) for a, b in zip(self.decode_ms_1, self.decode_ms_b)]  # more rows never cost less
+        if not (math.isfinite(float(self.overhead_ms)) and self.overhead_ms >= 0):
+            raise ValueError(f"profile.overhead_ms must be finite and >= 0, got {self.overhead_ms}")
+        self.overhead_ms = float(self.overhead_ms)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str | None = None) -> "LatencyProfile":
+        unknown = set(d) - set(PROFILE_KEYS) - {"source"}
+        missing = set(PROFILE_KEYS) - {"overhead_ms"} - set(d)
+        if unknown or missing:
+            raise ValueError(f"profile: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                             f"a profile has {list(PROFILE_KEYS)}")  # fmt: skip
+        return cls(**{k: d[k] for k in PROFILE_KEYS if k in d}, source=source or d.get("source", "config"))
 
     def index(self, budget: float) -> int:
         """The grid level a budget runs as: the highest level <= budget (plans only change at grid steps)."""
         i = 0
         for j, b in enumerate(self.budgets):
-            if b <= budget + 1e-9:
+            if b <= budget + EPS:
                 i = j
         return i
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("budgets", "max_batch_size", "prefill_ms_1", "prefill_ms_b",
-                                              "decode_ms_1", "decode_ms_b", "source")}  # fmt: skip
+        return {k: getattr(self, k) for k in (*PROFILE_KEYS, "source")}
 
 
-def batch_ms(profile: LatencyProfile, budget: float, n: float, tokens: int) -> float:
-    """Wall time of one batch of n requests generating `tokens` tokens each at this budget (linear in n)."""
-    i, B = profile.index(budget), profile.max_batch_size
-    w = 0.0 if B <= 1 else (min(max(n, 1.0), B) - 1.0) / (B - 1.0)
-    prefill = (1 - w) * profile.prefill_ms_1[i] + w * profile.prefill_ms_b[i]
-    decode = (1 - w) * profile.decode_ms_1[i] + w * profile.decode_ms_b[i]
-    return prefill + max(tokens - 1, 0) * decode
+def prefill_ms(p: LatencyProfile, budget: float) -> float:
+    return p.prefill_ms[p.index(budget)]
 
 
-def predicted_latency_ms(profile: LatencyProfile, budget: float, load: float, tokens: int,
-                         slowdown: float = 1.0) -> float:  # fmt: skip
-    """Predicted latency of a request that arrives when a replica holds `load` requests (its own included),
-    with the profile scaled by the replica's measured slowdown factor."""
-    load = max(float(load), 1.0)
-    B = profile.max_batch_size
-    return slowdown * max(1.0, load / B) * batch_ms(profile, budget, min(load, B), tokens)
+def decode_ms(p: LatencyProfile, budget: float, n: int) -> float:
+    """One decode step's cost for one row at this budget when n rows run (straight line from 1 to B rows)."""
+    i, B = p.index(budget), p.max_batch_size
+    w = 0.0 if B <= 1 else (min(max(n, 1), B) - 1) / (B - 1)
+    return (1 - w) * p.decode_ms_1[i] + w * p.decode_ms_b[i]
 
 
-def predicted_batch_ms(profile: LatencyProfile, budgets: list[float], steps: int) -> float:
-    """The profile's (unscaled) time for one generate() batch with these per-request budgets and `steps` decoded
-    tokens: the batch runs at its largest budget's cost (rows at lower budgets do not make the others cheaper)."""
-    if not budgets:
-        return 0.0
-    return batch_ms(profile, max(budgets), len(budgets), max(int(steps), 1))
+def step_ms(p: LatencyProfile, budgets: list[float]) -> float:
+    """One engine decode step with rows at these budgets: the mean of their per-budget step costs."""
+    n = len(budgets)
+    return sum(decode_ms(p, b, n) for b in budgets) / n if n else 0.0
 
 
-def update_slowdown(window: list[float], measured_ms: float, predicted_ms: float, cfg: PolicyConfig) -> float:
-    """Add one batch's ratio measured/predicted (clipped to the bounds) to the sliding window (in place, keeping the
-    last cfg.slowdown_window) and return the new factor: the window's median. Non-positive or non-finite inputs
-    are not a measurement and leave the window as it is."""
-    if predicted_ms > 0 and measured_ms > 0 and math.isfinite(measured_ms) and math.isfinite(predicted_ms):
-        window.append(min(max(measured_ms / predicted_ms, cfg.slowdown_min), cfg.slowdown_max))
-        del window[: max(len(window) - cfg.slowdown_window, 0)]
-    return slowdown_factor(window, cfg)
+@dataclass
+class Slot:
+    """One request in a prediction: its budget, the tokens it still has to produce, its deadline (ms, same clock as
+    `now`; None: none) and whether it already runs (prefilled) or waits for a row."""
+
+    budget: float
+    tokens: int
+    deadline: float | None = None
+    running: bool = False
 
 
-def slowdown_factor(window: list[float], cfg: PolicyConfig) -> float:
-    """Median of the window (1.0 when empty), within [slowdown_min, slowdown_max]."""
-    if not window:
-        return 1.0
-    v = sorted(window)
-    n = len(v)
-    med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-    return min(max(med, cfg.slowdown_min), cfg.slowdown_max)
+def simulate(p: LatencyProfile, now: float, slots: list[Slot], kappa: float = 1.0) -> list[float]:
+    """Each slot's predicted finish (ms) when the engine plays forward from `now`: running slots decode; waiting ones
+    (FIFO, in list order) take free rows, each prefilled alone (its first token), then decode with the others."""
+    finish = [now] * len(slots)
+    rows = [[s.budget, s.tokens, i] for i, s in enumerate(slots) if s.running and s.tokens > 0]
+    queue = deque(i for i, s in enumerate(slots) if not s.running)
+    B, t = p.max_batch_size, now
+    while rows or queue:
+        while queue and len(rows) < B:
+            i = queue.popleft()
+            t += kappa * prefill_ms(p, slots[i].budget)
+            if slots[i].tokens <= 1:
+                finish[i] = t
+            else:
+                rows.append([slots[i].budget, slots[i].tokens - 1, i])
+        if not rows:
+            continue
+        k = min(r[1] for r in rows)  # steps until the next row leaves: the composition is constant until then
+        t += k * kappa * step_ms(p, [r[0] for r in rows])
+        for r in rows:
+            r[1] -= k
+            if r[1] == 0:
+                finish[r[2]] = t
+        rows = [r for r in rows if r[1] > 0]
+    return finish
 
 
 def levels(profile: LatencyProfile, cfg: PolicyConfig) -> list[float]:
     """The budgets the server may pick: the model's grid steps in [floor, ceiling] (the floor itself if none)."""
-    inside = [b for b in profile.budgets if cfg.floor - 1e-9 <= b <= cfg.ceiling + 1e-9]
+    inside = [b for b in profile.budgets if cfg.floor - EPS <= b <= cfg.ceiling + EPS]
     return inside or [cfg.floor]
 
 
-def budget_for_latency(target_ms: float, load: float, profile: LatencyProfile, cfg: PolicyConfig,
-                       tokens: int | None = None, slowdown: float = 1.0) -> float:  # fmt: skip
-    """The highest level predicted to finish within target_ms at this load; the floor when none does.
-    This is the one place that maps latency to budget (both the SLO and a client's latency_ms go through it)."""
-    tokens = cfg.tokens if tokens is None else tokens
-    lv = levels(profile, cfg)
-    ok = [b for b in lv if predicted_latency_ms(profile, b, load, tokens, slowdown) <= target_ms]
-    return max(ok) if ok else lv[0]
+@dataclass
+class Choice:
+    budget: float  # the budget to run at
+    feasible: bool  # False: even the floor misses the request's deadline
+    predicted: float  # the request's predicted finish at that budget (ms, the caller's clock)
 
 
-def budget_for_load(load: float, profile: LatencyProfile, cfg: PolicyConfig, slowdown: float = 1.0) -> float:
-    """f(L, phi): the instantaneous policy, monotone non-increasing in the load and in the slowdown factor."""
-    return budget_for_latency(cfg.slo_ms, load, profile, cfg, slowdown=slowdown)
+def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[Slot], new: Slot,
+                  behind: list[Slot], kappa: float = 1.0) -> Choice:  # fmt: skip
+    """SlackFit at join: the highest level that meets `new`'s deadline and makes nobody in `ahead` (running or
+    joining before it) or `behind` (queued after it, assumed at the floor) late who would not be late anyway."""
+    lv = levels(p, cfg)
+    me = len(ahead)
+
+    def run(b):
+        slots = [*ahead, Slot(b, new.tokens, new.deadline, False), *[Slot(lv[0], s.tokens, s.deadline) for s in behind]]
+        fin = simulate(p, now, slots, kappa)
+        late = {i for i, s in enumerate(slots) if i != me and s.deadline is not None and fin[i] > s.deadline + EPS}
+        return fin[me], late
+
+    at_floor, late_floor = run(lv[0])
+    if new.deadline is not None and at_floor > new.deadline + EPS:
+        return Choice(lv[0], False, at_floor)
+    for b in reversed(lv):
+        fin, late = run(b) if b != lv[0] else (at_floor, late_floor)
+        if (new.deadline is None or fin <= new.deadline + EPS) and late <= late_floor:
+            return Choice(b, True, fin)
+    return Choice(lv[0], True, at_floor)  # not reached: the floor itself passes both tests
 
 
-def retry_after_s(load: float, profile: LatencyProfile, cfg: PolicyConfig, slowdown: float = 1.0) -> int | None:
-    """None when a request can be admitted; else the seconds to wait (>= 1) before the floor can meet the SLO."""
+def share(inflight: list[int], replicas: int) -> list[int]:
+    """The ingress's in-flight requests (their max_tokens, in send order) as the shortest replica's share: request k
+    went to replica k mod n (Serve's router balances them), the new one joins the replica holding the fewest."""
+    n = max(int(replicas), 1)
+    return inflight[len(inflight) % n :: n]  # replica len % n is next in turn: it holds the fewest
+
+
+def edge_finish_ms(p: LatencyProfile, cfg: PolicyConfig, now: float, inflight: list[int], replicas: int, tokens: int,
+                   kappa: float = 1.0) -> float:  # fmt: skip
+    """A new request's predicted finish at the floor behind its replica's share of the in-flight requests (all at the
+    floor), its per-request overhead included."""
+    floor = levels(p, cfg)[0]
+    mine = share(inflight, replicas)
+    return simulate(p, now, _ahead(p, floor, mine) + [Slot(floor, tokens)], kappa)[-1] + p.overhead_ms
+
+
+def _ahead(p: LatencyProfile, floor: float, mine: list[int]) -> list[Slot]:
+    """A replica's share of the in-flight requests as slots: the oldest max_batch_size run (assumed just joined: their
+    prefill done, max_tokens - 1 steps left; their progress since is not known here), the rest wait."""
+    B = p.max_batch_size
+    return [Slot(floor, t - 1, None, True) if i < B else Slot(floor, t) for i, t in enumerate(mine) if i >= B or t > 1]
+
+
+def drain_ms(p: LatencyProfile, cfg: PolicyConfig, now: float, inflight: list[int], replicas: int,
+             kappa: float = 1.0) -> float:  # fmt: skip
+    """How long until the shortest share's first in-flight request finishes (at the floor): when a row frees."""
+    floor = levels(p, cfg)[0]
+    mine = share(inflight, replicas)
+    fin = simulate(p, now, _ahead(p, floor, mine), kappa)
+    return min(fin) - now if fin else 0.0
+
+
+def admission(p: LatencyProfile, cfg: PolicyConfig, now: float, deadline: float, inflight: list[int], replicas: int,
+              tokens: int, kappa: float = 1.0) -> int | None:  # fmt: skip
+    """None: admit. Else the seconds (>= 1) a client should wait: the predicted excess over its deadline at the floor.
+    Never refuses when cfg.reject is False (the bounded queues still do)."""
     if not cfg.reject:
         return None
-    predicted = predicted_latency_ms(profile, levels(profile, cfg)[0], load, cfg.tokens, slowdown)
-    limit = cfg.reject_factor * cfg.slo_ms
-    if predicted <= limit:
+    predicted = edge_finish_ms(p, cfg, now, inflight, replicas, tokens, kappa)
+    if predicted <= deadline + EPS:
         return None
-    return max(1, math.ceil((predicted - limit) / 1000.0))
+    return max(1, math.ceil((predicted - deadline) / 1000.0))
 
 
-def apply_caps(server_budget: float, budget_cap: float | None = None, latency_budget: float | None = None) -> float:
-    """Client caps only lower the budget: never spend more than the client allows."""
-    caps = [c for c in (budget_cap, latency_budget) if c is not None]
-    return min([server_budget, *caps])
+def alone_ms(p: LatencyProfile, budget: float, tokens: int) -> float:
+    """One request alone on an idle replica: overhead, its prefill, then tokens - 1 decode steps of one row."""
+    return p.overhead_ms + prefill_ms(p, budget) + max(tokens - 1, 0) * decode_ms(p, budget, 1)
 
 
-class BudgetController:
-    """Smoothed load + hysteresis around budget_for_load, with the profile corrected online by the measured slowdown
-    (see the module docstring). One per replica."""
+def achievable_ms(p: LatencyProfile, cfg: PolicyConfig, tokens: int) -> tuple[float, float]:
+    """The latency range the model reaches alone for this many tokens: at the floor budget and at the ceiling."""
+    lv = levels(p, cfg)
+    return alone_ms(p, lv[0], tokens), alone_ms(p, lv[-1], tokens)
 
-    def __init__(self, profile: LatencyProfile, cfg: PolicyConfig):
-        self.profile, self.cfg = profile, cfg
-        self.load: float | None = None  # smoothed requests per replica
-        self.raw_load = 0.0
-        self.budget = levels(profile, cfg)[-1]
-        self._t: float | None = None
-        # the last slowdown_window measured/predicted batch ratios (clipped), seeded full of 1.0: trust the profile
-        # until more than half a window of batches says otherwise (one slow first batch must not move the factor)
-        self.ratios: list[float] = [1.0] * cfg.slowdown_window
-        self.slowdown = 1.0
-        self.batches_seen = 0
 
-    def observe_batch(self, measured_ms: float, groups: list[tuple[list[float], int]]) -> float:
-        """Feed one finished batch: its wall time and, per generate() call it made, (budgets, tokens decoded).
-        Returns the updated slowdown factor."""
-        predicted = sum(predicted_batch_ms(self.profile, budgets, steps) for budgets, steps in groups)
-        self.batches_seen += 1
-        self.slowdown = update_slowdown(self.ratios, measured_ms, predicted, self.cfg)
-        return self.slowdown
+def capacity_rps(p: LatencyProfile, budget: float, tokens: int) -> float:
+    """Requests per second one replica sustains at this budget with full batches (B rows share each decode step)."""
+    B = p.max_batch_size
+    per_request = p.overhead_ms + prefill_ms(p, budget) + max(tokens - 1, 0) * decode_ms(p, budget, B) / B
+    return 1000.0 / per_request if per_request > 0 else math.inf
 
-    def observe(self, load: float, now: float) -> float:
-        """Feed one sample of the cluster load (requests per replica) taken at time `now` (seconds)."""
-        self.raw_load = float(load)
-        if self.load is None or self._t is None:
-            self.load = float(load)
-        else:
-            alpha = 1.0 - math.exp(-max(now - self._t, 0.0) / self.cfg.smoothing_s)
-            self.load += alpha * (float(load) - self.load)
-        self._t = now
-        return self.load
 
-    def decide(self) -> float:
-        """The budget for the next batch: falls with the load at once, rises only past the hysteresis band."""
-        load = self.raw_load if self.load is None else self.load
-        down = budget_for_load(load, self.profile, self.cfg, self.slowdown)
-        up = budget_for_load(load * (1.0 + self.cfg.hysteresis), self.profile, self.cfg, self.slowdown)
-        self.budget = min(down, max(self.budget, up))
-        return self.budget
+def apply_caps(server_budget: float, budget_cap: float | None = None) -> float:
+    """A client's budget only lowers the server's choice: never spend more than the client allows."""
+    return server_budget if budget_cap is None else min(server_budget, budget_cap)
 
-    def admit(self, load: float) -> int | None:
-        """Admission on the instantaneous load (a burst must be refused now, not after smoothing catches up)."""
-        return retry_after_s(load, self.profile, self.cfg, self.slowdown)
+
+def update_contention(window: list[float], measured_ms: float, predicted_ms: float, cfg: PolicyConfig) -> float:
+    """Add one window's ratio measured/predicted engine-step time (the same rows at the same budgets; clipped) to the
+    sliding window (in place, the last cfg.contention_window kept) and return kappa: the window's median. Non-positive
+    or non-finite inputs are not a measurement and leave the window as it is."""
+    lo, hi = 1.0 / cfg.contention_max, cfg.contention_max
+    if predicted_ms > 0 and measured_ms > 0 and math.isfinite(measured_ms) and math.isfinite(predicted_ms):
+        window.append(min(max(measured_ms / predicted_ms, lo), hi))
+        del window[: max(len(window) - cfg.contention_window, 0)]
+    if not window:
+        return 1.0
+    v = sorted(window)
+    n = len(v)
+    return min(max(v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]), lo), hi)
+
+
+def predicted_step_ms(p: LatencyProfile, joining: list[float], decoding: list[float]) -> float:
+    """The profile's time for one engine step: one decode step of the running rows, then each joining prefill."""
+    return step_ms(p, decoding) + sum(prefill_ms(p, b) for b in joining)

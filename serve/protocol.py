@@ -12,7 +12,7 @@ lone UTF-16 surrogates, extreme image shapes, anything Pillow raises on) is a 4x
 
 Extensions in the request body (both are caps: the server never spends more than the client allows):
 - `budget`: the largest fraction of the language model's compute this request may use, in [P/L, 1].
-- `latency_ms`: a latency target; mapped to the largest budget predicted to meet it (serve.policy.budget_for_latency).
+- `latency_ms`: a latency target; it tightens the request's deadline (min with the server's SLO, serve/policy.py).
 And one opt-in object (the playground's "compare budgets" view):
 - `adallava: {"attention": true}`: the response's `adallava` object also carries the latency token's attention over
   the image (adallava.attention); needs exactly one image; unknown keys in this object are refused by name.
@@ -294,12 +294,25 @@ class ParsedRequest:
     include_usage: bool = False
     user: str | None = None
     attention: bool = False  # issue 14: return the latency token's attention over the image
+    image_parts: list = field(default_factory=list)  # (url, param) per image, in order, until decode_images
 
 
 async def validate_request(req: ChatCompletionRequest, limits: Limits, budget_range: tuple[float, float],
-                     image_loader) -> ParsedRequest:  # fmt: skip
-    """Range checks that need the server's settings; `await image_loader(url, param)` -> PIL image (or APIError).
-    temperature defaults to 0 (greedy, as LLaVA evaluates), not OpenAI's 1."""
+                           image_loader) -> ParsedRequest:  # fmt: skip
+    """check_request, then the images decoded (the ingress admits a request between the two)."""
+    return await decode_images(check_request(req, limits, budget_range), image_loader)
+
+
+async def decode_images(parsed: ParsedRequest, image_loader) -> ParsedRequest:
+    """`await image_loader(url, param)` -> PIL image (or APIError), for each image part in order."""
+    parsed.images = [await image_loader(url, where) for url, where in parsed.image_parts]
+    return parsed
+
+
+def check_request(req: ChatCompletionRequest, limits: Limits, budget_range: tuple[float, float]) -> ParsedRequest:
+    """Range and structure checks that need the server's settings, and nothing decoded: cheap, so the ingress can
+    refuse a request (admission) before paying for its images. temperature defaults to 0 (greedy, as LLaVA
+    evaluates), not OpenAI's 1."""
     lo, hi = budget_range
     budget = check_number(req.budget, "budget", lo, hi)
     latency_ms = check_number(req.latency_ms, "latency_ms", 0.0, 3_600_000.0, lo_open=True)
@@ -378,13 +391,12 @@ async def validate_request(req: ChatCompletionRequest, limits: Limits, budget_ra
     if attention and len(image_parts) != 1:
         raise bad_request(f"adallava.attention: the latency token's attention is over one image; the request has "
                           f"{len(image_parts) or 'none'}", param="adallava.attention")  # fmt: skip
-    images = [await image_loader(url, where) for url, where in image_parts]
     return ParsedRequest(
-        messages=messages, images=images, max_tokens=max_tokens,
+        messages=messages, images=[], max_tokens=max_tokens,
         temperature=0.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
         stream=bool(req.stream), budget_cap=budget, latency_ms=latency_ms, stop=stops, seed=req.seed,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        user=req.user or req.safety_identifier, attention=attention,
+        user=req.user or req.safety_identifier, attention=attention, image_parts=image_parts,
     )  # fmt: skip
 
 

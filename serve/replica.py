@@ -1,39 +1,55 @@
 """The model deployment: each AdaLlavaModel replica runs adallava.engine's continuous batching in one thread.
 
-A request arrives from the ingress (validated, images decoded), is templated, tokenized and preprocessed in the
-replica's preprocessing thread, passes admission (429 when even the floor budget cannot meet the SLO at this load) and
-waits in `pending`. The engine thread loops: it moves pending requests into the engine while it has free rows (each
-request's budget is decided at that moment, from the load then, and capped by the client's `budget`/`latency_ms`),
-runs one engine step (one token for every running request, the prefill of those joining), and hands each token to its
-request's asyncio queue. A request leaves the running batch at EOS, at its max_tokens, at a stop string (matched on the
-event loop, which cancels it in the engine) or when its client goes away; the next waiting request takes its row at the
-next step. Nobody waits for the longest request of a batch.
+A request arrives from the ingress already admitted (serve/ingress.py: its deadline fixed, refused there when even the
+floor budget could not meet it), with its images decoded. The replica templates, tokenizes and preprocesses it in its
+preprocessing thread and puts it in `pending`, which Serve bounds: the deployment's max_ongoing_requests is
+max_batch_size + max_queued_requests, so at most max_queued_requests wait for a row. The engine thread loops: it moves
+pending requests into the engine while it has free rows, choosing each one's budget at that moment from deadlines
+(serve.policy.choose_budget, SlackFit: the highest budget that meets its deadline and makes nobody running, joining or
+waiting behind it late), or refusing it with 429 "deadline_exceeded" when even the floor cannot meet its deadline any
+more (policy.reject; never computed); then it runs one engine step (one token for every running request, the prefill
+of those joining) and hands each token to its request's asyncio queue. A request leaves the running batch at EOS, at
+its max_tokens, at a stop string (matched on the event loop, which cancels it in the engine) or when its client goes
+away; the next waiting request takes its row at the next step. Nobody waits for the longest request of a batch.
 
-How a replica sees cluster-wide load (Ray 2.60). Serve pushes no cluster-wide load *to* replicas: signals flow replica
--> controller (autoscaling) and replica -> router. We add the missing return path with a *deployment-scoped actor*
-(`DeploymentActorConfig`, managed by the Serve controller, shared by all replicas of the deployment, deleted with it,
-recreated if it dies): `LoadBoard`. Every replica reports its ongoing count (admitted and not finished: running plus
-waiting) every `load_report_interval_s` and gets back the sum over all live replicas and their number; reports older
-than `stale_after_s` are dropped, so a dead replica stops counting within a second. If the board cannot be reached the
-replica falls back to its own count and says so in the response (load.source).
+The latency profile (serve/policy.py's model) is a table given in config (`profile`), or the one cached for this
+hardware kind in `profile_cache` (CPU model / GPU name, torch threads, max_batch_size, the model's architecture), or
+measured at start on the engine alone and cached. A contention factor is measured on engine steps only, against the
+profile's prediction for the same rows at the same budgets (it cannot feed back through the budget); a config profile
+is taken as is (factor 1).
+
+Cluster view: a deployment-scoped actor (`LoadBoard`, DeploymentActorConfig, managed by the Serve controller) collects
+every replica's ongoing count each `load_report_interval_s` and returns the sum and the number of live replicas (reports
+older than `stale_after_s` dropped); responses carry it (`adallava.load`), which is how the ingress learns how many
+replicas share its in-flight requests. Autoscaling: `record_autoscaling_stats` reports the offered demand the ingress
+stamps on each job (refusals included) and this replica's capacity at the ceiling (serve/autoscaling.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
 import logging
+import math
+import os
+import platform
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray import serve
 
+from serve.autoscaling import CAPACITY, OFFERED, OfferedRate
 from serve.config import ServeConfig
-from serve.policy import BudgetController, LatencyProfile, apply_caps, batch_ms, budget_for_latency, update_slowdown
+from serve.policy import (
+    LatencyProfile, Slot, apply_caps, capacity_rps, choose_budget, levels, predicted_step_ms, update_contention,
+)  # fmt: skip
 from serve.protocol import APIError, StopText, bad_request, error_body
 
 logger = logging.getLogger("ray.serve")
@@ -65,13 +81,14 @@ class Job:
     temperature: float
     top_p: float
     budget_cap: float | None
-    latency_ms: float | None
+    latency_ms: float | None  # the client's latency target (it tightened the deadline)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: bool = False
-    t_ingress: float = 0.0  # time.time() when the ingress received it (queue wait and TTFT count from here)
+    t_ingress: float = 0.0  # time.time() when the ingress received it (latency, queue wait and TTFT count from here)
     attention: bool = False  # issue 14: return the latency token's attention over the image (adallava.attention)
-    arrival: float = 0.0  # time.time() at the replica (set on admission)
+    deadline_ms: float = math.inf  # min(policy.slo_ms, latency_ms): the deadline, relative to t_ingress
+    offered: int = 0  # the ingress's running total of offered requests (admitted or refused), for the autoscaler
     prompt_tokens: int = 0
 
 
@@ -85,6 +102,7 @@ class _Live:
     loop: asyncio.AbstractEventLoop
     budget: float | None = None
     server_budget: float | None = None
+    deadline_ms: float = math.inf  # absolute, in the replica's clock (ms)
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
     attention: dict | None = None  # issue 14: adallava.attention, computed in the engine thread when it joins
@@ -122,11 +140,17 @@ class AdaLlavaModel:
         self.loop_tokenizer = copy.deepcopy(self.processor.tokenizer)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prep")
-        self.profile = self._measure_profile()
-        self.controller = BudgetController(self.profile, cfg.policy)
+        self.profile = self._load_profile()
+        self.floor = levels(self.profile, cfg.policy)[0]
+        self.kappa, self.kappa_window = 1.0, []  # contention factor (engine steps only) and its recent ratios
+        self.offered = OfferedRate(cfg.look_back_period_s)
+        self.paused, self.clock_offset_s = False, 0.0  # test hooks (fault_injection)
+        self.joined = self.refused_deadline = 0  # requests handed to the engine / refused at their turn
         self.engine = Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         self._make_engine = lambda: Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
-        self.pending: deque[_Live] = deque()  # admitted, waiting for a row (appended on the loop, taken by the thread)
+        # admitted, waiting for a row (appended on the loop, taken by the thread); Serve's max_ongoing_requests bounds
+        # it to max_queued_requests beyond the running batch
+        self.pending: deque[_Live] = deque()
         self.live: dict[str, _Live] = {}  # in the engine
         self.cancels: deque[tuple[str, str]] = deque()  # (request id, reason) for the engine thread
         self.wakeup = threading.Event()
@@ -136,17 +160,18 @@ class AdaLlavaModel:
         self.reporter: asyncio.Task | None = None
         self.failed_reason: str | None = None
         self.consecutive_failures = 0
-        self._acc = (0.0, 0.0, 0)  # measured ms, predicted ms, steps since the last slowdown sample
+        self._acc = (0.0, 0.0, 0)  # measured ms, predicted ms, steps since the last contention sample
         edges = sorted({round((a + b) / 2, 6) for a, b in zip(self.grid, self.grid[1:])}) or [1.0]
         ms = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
         self.m_budget = Histogram("adallava_budget", description="budget chosen per request", boundaries=edges)
-        self.m_load = Gauge("adallava_load_per_replica", description="smoothed ongoing requests per replica "
-                            "(cluster-wide, running + waiting)")  # fmt: skip
-        self.m_slowdown = Gauge("adallava_slowdown_factor", description="this replica's measured/profiled engine "
-                                "step time (median over recent windows of steps); multiplies every latency prediction")  # fmt: skip
+        self.m_load = Gauge("adallava_load_per_replica", description="ongoing requests per replica (cluster-wide, "
+                            "running + waiting)")  # fmt: skip
+        self.m_contention = Gauge("adallava_contention_factor", description="this replica's measured/profiled engine "
+                                  "step time for the same rows and budgets (median over recent windows of steps); "
+                                  "multiplies predicted engine compute")  # fmt: skip
         self.m_latency = Histogram("adallava_latency_ms", description="request latency in the replica by budget",
                                    boundaries=ms, tag_keys=("budget",))  # fmt: skip
-        self.m_reject = Counter("adallava_rejections", description="requests refused with 429",
+        self.m_reject = Counter("adallava_rejections", description="requests refused with 429 at their turn",
                                 tag_keys=("reason",))  # fmt: skip
         self.m_ttft = Histogram("adallava_time_to_first_token_ms", description="ingress arrival to the first token",
                                 boundaries=ms)  # fmt: skip
@@ -158,9 +183,53 @@ class AdaLlavaModel:
         self.thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         self.thread.start()
 
-    # ---- start-up profile: the cost model's numbers, measured on this replica's hardware, on the engine it serves
-    # with (n requests prefilled one by one, then decoded together), so the step-time correction starts near 1
+    # ---- the latency profile: a config table, the cached one for this hardware kind, or measured now (and cached)
+    def _load_profile(self) -> LatencyProfile:
+        cfg = self.cfg
+        if cfg.profile is not None:
+            p = LatencyProfile.from_dict(dict(cfg.profile), source="config")
+            if len(p.budgets) != len(self.grid) or any(abs(a - b) > 1e-6 for a, b in zip(p.budgets, self.grid)):
+                raise ValueError(f"profile.budgets {p.budgets} must be the model's budget grid {self.grid}")
+            if p.max_batch_size != cfg.max_batch_size:
+                raise ValueError(f"profile.max_batch_size {p.max_batch_size} must be max_batch_size "
+                                 f"{cfg.max_batch_size}")  # fmt: skip
+            return p
+        path = self._profile_path()
+        if path.exists():
+            try:
+                return LatencyProfile.from_dict(json.loads(path.read_text()), source="cache")
+            except (OSError, ValueError, TypeError) as e:
+                logger.warning(f"cached profile {path} unreadable ({type(e).__name__}: {e}); measuring again")
+        p = self._measure_profile()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(p.to_dict()))
+            os.replace(tmp, path)  # atomic: replicas starting together never read half a file
+        except OSError as e:
+            logger.warning(f"could not cache the profile in {path} ({e}); the next replica measures again")
+        return p
+
+    def _profile_path(self) -> Path:
+        """One file per hardware kind: CPU model or GPU name, torch threads, max_batch_size, profile_tokens and the
+        model's architecture (its config without names and versions: weights do not change the cost)."""
+        torch = self.torch
+        cpu = platform.processor() or platform.machine()
+        try:
+            cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        names = ("_name_or_path", "transformers_version")
+        arch = {k: v for k, v in self.model.config.to_dict().items() if k not in names}
+        key = json.dumps({"cpu": cpu, "gpu": gpu, "threads": self.cfg.torch_threads, "B": self.cfg.max_batch_size,
+                          "K": self.cfg.profile_tokens, "arch": arch}, sort_keys=True, default=str)  # fmt: skip
+        root = Path(self.cfg.profile_cache or Path.home() / ".cache" / "adallava" / "profiles").expanduser()
+        return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
     def _measure_profile(self) -> LatencyProfile:
+        """On the engine alone: per budget, one request's prefill, and a decode step with 1 and with B rows; apart
+        from them, the per-request preprocessing (template + processor), which does not follow the budget."""
         from PIL import Image
 
         from adallava.engine import Engine, Request
@@ -168,8 +237,15 @@ class AdaLlavaModel:
         torch, B, K = self.torch, self.cfg.max_batch_size, max(self.cfg.profile_tokens, 2)
         img = Image.new("RGB", (64, 64), (128, 64, 32))
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
-        prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        enc = self.processor(images=[img], text=[prompt], return_tensors="pt")
+
+        def prepare():
+            t = time.perf_counter()
+            prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+            enc = self.processor(images=[img], text=[prompt], return_tensors="pt")
+            return enc, (time.perf_counter() - t) * 1000
+
+        enc, _ = prepare()
+        overhead = min(prepare()[1] for _ in range(3))
 
         def timed(n, budget, tokens):
             engine = Engine(self.model, max_batch_size=n, eos_token_id=-1)
@@ -183,14 +259,14 @@ class AdaLlavaModel:
                 return (time.perf_counter() - t) * 1000
 
         timed(1, 1.0, 2)  # warm-up
-        p1, pb, d1, db = [], [], [], []
+        pre, d1, db = [], [], []
         for b in self.grid:
-            for n, pre, dec in ((1, p1, d1), (B, pb, db)):
-                t1 = min(timed(n, b, 1) for _ in range(2))
-                tk = min(timed(n, b, K) for _ in range(2))
-                pre.append(t1)
-                dec.append(max(tk - t1, 0.0) / (K - 1))
-        return LatencyProfile(self.grid, B, p1, pb, d1, db)
+            t1 = min(timed(1, b, 1) for _ in range(2))
+            pre.append(t1)
+            d1.append(max(min(timed(1, b, K) for _ in range(2)) - t1, 0.0) / (K - 1))
+            tb1 = min(timed(B, b, 1) for _ in range(2))
+            db.append(max(min(timed(B, b, K) for _ in range(2)) - tb1, 0.0) / (K - 1))
+        return LatencyProfile(self.grid, B, pre, d1, db, overhead_ms=overhead)
 
     # ---- cluster-wide load
     def cluster_load(self) -> float:
@@ -213,16 +289,24 @@ class AdaLlavaModel:
                 if self.load_source != "local":
                     logger.warning(f"load board unreachable ({type(e).__name__}); using this replica's own load")
                 self.board, self.others, self.n_replicas, self.load_source = None, 0.0, 1, "local"
-            self.controller.observe(self.cluster_load(), time.monotonic())
-            self.m_load.set(self.controller.load or 0.0)
+            self.m_load.set(self.cluster_load())
             await asyncio.sleep(self.cfg.load_report_interval_s)
 
     def load_info(self) -> dict:
-        c = self.controller
-        return {"requests_per_replica": round(c.load or 0.0, 3), "requests_per_replica_now": round(c.raw_load, 3),
+        return {"requests_per_replica": round(self.cluster_load(), 3),
                 "cluster_ongoing": round(self.others + self.ongoing, 3), "replicas": self.n_replicas,
-                "source": self.load_source, "slowdown": round(c.slowdown, 3),
-                "slowdown_batches": c.batches_seen}  # fmt: skip
+                "source": self.load_source, "running": self.engine.num_running, "waiting": len(self.pending),
+                "contention": round(self.kappa, 3)}  # fmt: skip
+
+    def now_ms(self) -> float:
+        """The replica's clock for deadlines (ms): wall time, moved only by the advance_clock test hook."""
+        return (time.time() + self.clock_offset_s) * 1000
+
+    async def record_autoscaling_stats(self) -> dict:
+        """Serve calls this and pushes the result to the controller (serve/autoscaling.py reads it): the offered
+        demand (the ingress's totals, refusals included) and what this replica sustains at the ceiling budget."""
+        cap = capacity_rps(self.profile, levels(self.profile, self.cfg.policy)[-1], self.cfg.policy.tokens)
+        return {OFFERED: self.offered.rate(time.monotonic()), CAPACITY: cap * self.cfg.policy.target_utilization}
 
     # ---- health and info
     async def check_health(self):
@@ -241,7 +325,8 @@ class AdaLlavaModel:
         self._ensure_reporter()
         return {"model_name": self.cfg.model_name, "budget_range": list(self.budget_range), "grid": self.grid,
                 "profile": self.profile.to_dict(), "replica": self.replica_id, "load": self.load_info(),
-                "budget": self.controller.budget, "max_context": self.max_context,
+                "contention": self.kappa, "max_context": self.max_context, "paused": self.paused,
+                "joined": self.joined, "refused_deadline": self.refused_deadline,
                 **self.model_facts()}  # fmt: skip
 
     # ---- issue 14 (playground) begin: what a client needs to draw plans, and the opt-in attention map
@@ -265,10 +350,26 @@ class AdaLlavaModel:
                 for row in grid], "region": "center_square" if getattr(ip, "do_center_crop", False) else "whole"}
     # ---- issue 14 (playground) end
 
+    def _test_hook(self, name: str):
+        if not self.cfg.fault_injection:
+            raise PermissionError(f"{name}: test hooks are off (config fault_injection=false)")
+
+    async def pause_engine(self, paused: bool = True) -> dict:
+        """Test hook: while paused the engine thread neither takes pending requests nor steps (they stay queued)."""
+        self._test_hook("pause_engine")
+        self.paused = paused
+        self.wakeup.set()
+        return await self.info()
+
+    async def advance_clock(self, seconds: float) -> float:
+        """Test hook: move this replica's deadline clock forward (requests' deadlines come nearer)."""
+        self._test_hook("advance_clock")
+        self.clock_offset_s += float(seconds)
+        return self.clock_offset_s
+
     async def inject_fault(self) -> str:
         """Test hook (config fault_injection=True only): the next health check fails and Serve replaces us."""
-        if not self.cfg.fault_injection:
-            raise PermissionError("fault injection is off (config fault_injection=false)")
+        self._test_hook("inject_fault")
         self.failed_reason = "fault injected"
         return self.replica_id
 
@@ -291,6 +392,7 @@ class AdaLlavaModel:
 
     async def _events(self, job: Job):
         self._ensure_reporter()
+        self.offered.observe(time.monotonic(), job.offered)
         loop = asyncio.get_running_loop()
         try:
             request = await loop.run_in_executor(self.prep, self._prepare, job)
@@ -302,19 +404,9 @@ class AdaLlavaModel:
             yield self._error(bad_request(f"the request could not be preprocessed ({type(e).__name__})",
                                           code="invalid_request"))  # fmt: skip
             return
-        retry = self.controller.admit((self.others + self.ongoing + 1) / max(self.n_replicas, 1))
-        # An idle replica always serves: its slowdown factor is only measured on steps it runs, so refusing while idle
-        # could keep a factor left high by a past burst forever (nothing would run to bring it down).
-        if retry is not None and self.ongoing > 0:
-            self.m_reject.inc(tags={"reason": "overload"})
-            msg = (f"overloaded: even the lowest budget ({self.controller.cfg.floor:g}) cannot meet the "
-                   f"{self.controller.cfg.slo_ms:g} ms target at this load; retry after {retry} s")  # fmt: skip
-            yield self._error(APIError(429, msg, code="overloaded", type="rate_limit_error",
-                                       headers={"Retry-After": str(retry)}))  # fmt: skip
-            return
         self.ongoing += 1
-        job.arrival = time.time()
         live = _Live(job, request, asyncio.Queue(), loop)
+        live.deadline_ms = job.t_ingress * 1000 + job.deadline_ms + self.clock_offset_s * 1000
         finished = False
         try:
             self.pending.append(live)
@@ -394,7 +486,7 @@ class AdaLlavaModel:
     def _done(self, live: _Live, fin, text: str, n_tokens: int, stopped: bool, t_first, t_last) -> dict:
         job, now = live.job, time.time()
         reason = "stop" if stopped or fin.finish_reason in ("eos", "stop") else "length"
-        total_ms = (now - job.arrival) * 1000
+        total_ms = (now - job.t_ingress) * 1000  # from the ingress's arrival: waits upstream count too
         self.m_budget.observe(live.budget)
         self.m_latency.observe(total_ms, tags={"budget": f"{live.budget:.3f}"})
         if t_first is not None:
@@ -407,8 +499,9 @@ class AdaLlavaModel:
             "prompt_tokens": job.prompt_tokens, "completion_tokens": n_tokens,
             "adallava": {
                 "budget": live.budget, "budget_server": live.server_budget, "budget_cap": job.budget_cap,
-                "latency_ms_target": job.latency_ms, "execution_plan": fin.execution_plan, "flops": fin.flops,
-                "latency_ms": {"total": round(total_ms, 2), "queue": round((live.t_join - job.arrival) * 1000, 2),
+                "latency_ms_target": job.latency_ms, "deadline_ms": job.deadline_ms,
+                "execution_plan": fin.execution_plan, "flops": fin.flops,
+                "latency_ms": {"total": round(total_ms, 2), "queue": round((live.t_join - job.t_ingress) * 1000, 2),
                                "prefill": round(fin.prefill_s * 1000, 2),
                                "decode": round((now - live.t_join) * 1000 - fin.prefill_s * 1000, 2),
                                "time_to_first_token": None if t_first is None else round((t_first - job.t_ingress)
@@ -438,6 +531,10 @@ class AdaLlavaModel:
             fin = engine.cancel(rid, reason)
             if live is not None and fin is not None:
                 live.put({"type": "event", "event": _Finished(rid, fin)})
+        if self.paused:  # test hook: nothing joins, nothing steps
+            self.wakeup.wait(timeout=0.05)
+            self.wakeup.clear()
+            return
         while self.pending and engine.num_running + engine.num_waiting < engine.max_batch_size:
             live = self.pending.popleft()
             if live.gone:
@@ -471,34 +568,41 @@ class AdaLlavaModel:
             live.put({"type": "event", "event": ev})
 
     def _observe_step(self, ms: float, joining: list[float], decoding: list[float], flush: bool):
-        """The slowdown correction from engine steps: measured step time against the profile's prediction for the
-        same work (one prefill of a batch of one per joining request, one decode token for the running batch at its
-        largest budget), summed over `slowdown_steps` steps (or until the engine idles) before one ratio enters the
-        controller's window. Per request instead, other requests' prefills inside its lifetime would read as slowdown
-        and feed back on admission."""
-        p = self.profile
-        pred = sum(batch_ms(p, b, 1, 1) for b in joining)
-        if decoding:
-            b, n = max(decoding), len(decoding)
-            pred += batch_ms(p, b, n, 2) - batch_ms(p, b, n, 1)
+        """The contention factor from engine steps: measured step time against the profile's prediction for the same
+        work (each joining request's prefill at its budget, one decode step of the running rows at theirs), summed
+        over 16 steps (or until the engine idles) before one ratio enters the window. Both sides follow the budgets,
+        so the factor measures contention, not the budget. A config profile is taken as is."""
+        if self.profile.source == "config":
+            return
+        pred = predicted_step_ms(self.profile, joining, decoding)
         self._acc = (self._acc[0] + ms, self._acc[1] + pred, self._acc[2] + 1)
         if self._acc[2] >= 16 or flush:
-            c = self.controller
-            c.slowdown = update_slowdown(c.ratios, self._acc[0], self._acc[1], c.cfg)
-            c.batches_seen += 1
-            self.m_slowdown.set(c.slowdown)
+            self.kappa = update_contention(self.kappa_window, self._acc[0], self._acc[1], self.cfg.policy)
+            self.m_contention.set(self.kappa)
             self._acc = (0.0, 0.0, 0)
 
     def _join(self, live: _Live):
-        """Decide the request's budget now (the load when it joins), then hand it to the engine."""
-        job = live.job
-        self.controller.observe(self.cluster_load(), time.monotonic())
-        live.server_budget = self.controller.decide()
-        lat_budget = None
-        if job.latency_ms is not None:
-            lat_budget = budget_for_latency(job.latency_ms, self.controller.load or 0.0, self.profile,
-                                            self.cfg.policy, job.max_tokens, self.controller.slowdown)  # fmt: skip
-        live.budget = apply_caps(live.server_budget, job.budget_cap, lat_budget)
+        """Choose the request's budget now, from deadlines (SlackFit), or refuse it when even the floor is too late;
+        then hand it to the engine."""
+        job, engine, policy = live.job, self.engine, self.cfg.policy
+        ahead = [Slot(r.req.budget, r.req.max_new_tokens - len(r.tokens), self._deadline(r.req.request_id), True)
+                 for r in engine.running]  # fmt: skip
+        ahead += [Slot(r.budget, r.max_new_tokens, self._deadline(r.request_id)) for r in engine.waiting]
+        behind = [Slot(self.floor, w.job.max_tokens, w.deadline_ms) for w in self.pending if not w.gone]
+        choice = choose_budget(self.profile, policy, self.now_ms(), ahead, Slot(0.0, job.max_tokens, live.deadline_ms),
+                               behind, self.kappa)  # fmt: skip
+        if not choice.feasible and policy.reject:
+            self.refused_deadline += 1
+            self.m_reject.inc(tags={"reason": "deadline"})
+            retry = max(1, math.ceil((choice.predicted - live.deadline_ms) / 1000))
+            msg = (f"deadline exceeded: by its turn even the lowest budget ({self.floor:g}) would finish "
+                   f"{choice.predicted - live.deadline_ms:.0f} ms after its {job.deadline_ms:g} ms deadline; "
+                   f"retry after {retry} s")  # fmt: skip
+            live.put(self._error(APIError(429, msg, code="deadline_exceeded", type="rate_limit_error",
+                                          headers={"Retry-After": str(retry)})))  # fmt: skip
+            return
+        live.server_budget = choice.budget
+        live.budget = apply_caps(live.server_budget, job.budget_cap)
         live.request.budget = live.budget
         live.batch_size = self.engine.num_running + 1
         live.t_join = time.time()
@@ -516,7 +620,12 @@ class AdaLlavaModel:
         except ValueError as e:  # refused by the engine: this request alone fails
             live.put(self._error(bad_request(f"the request could not be run: {e}", code="invalid_request")))
             return
+        self.joined += 1
         self.live[job.request_id] = live
+
+    def _deadline(self, request_id: str) -> float | None:
+        live = self.live.get(request_id)
+        return None if live is None else live.deadline_ms
 
     def _fail_running(self, e: Exception):
         """After a failed step the engine's caches cannot be trusted: every request in it gets an error event (the

@@ -220,9 +220,10 @@ function renderResult(ada, m) {
   const l = ada.load || {};
   const loadBox = $("load");
   loadBox.classList.toggle("highlight", m === "auto");
-  loadBox.textContent = `server's load-aware budget ${fmt(ada.budget_server, 3)} at ` +
+  loadBox.textContent = `server's load-aware budget ${fmt(ada.budget_server, 3)} for a ` +
+    `${fmt(ada.deadline_ms, 0)} ms deadline at ` +
     `${fmt(l.requests_per_replica, 2)} requests per replica (${fmt(l.cluster_ongoing, 0)} ongoing on ` +
-    `${l.replicas} replica${l.replicas === 1 ? "" : "s"}; slowdown ×${fmt(l.slowdown, 2)}; load from ${l.source}; ` +
+    `${l.replicas} replica${l.replicas === 1 ? "" : "s"}; contention ×${fmt(l.contention, 2)}; load from ${l.source}; ` +
     `batch of ${ada.batch_size})` + (m === "auto" ? "" : ". Your cap wins when it is lower.");
 }
 

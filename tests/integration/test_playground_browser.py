@@ -262,7 +262,7 @@ def test_auto_shows_the_load_behind_the_choice(browser):
     assert text(browser, "budget-used") == "budget 1.000 (chosen by the server)"
     assert plan(browser) == "PPPP####"
     load = text(browser, "load")
-    assert load.startswith("server's load-aware budget 1.000 at ") and "requests per replica" in load
+    assert load.startswith("server's load-aware budget 1.000 for a 600000 ms deadline at ") and "requests per replica" in load
     assert "on 1 replica;" in load and "load from load_board" in load
 
 
@@ -270,10 +270,16 @@ def test_latency_target(browser):
     set_mode(browser, "latency")
     box = browser.find_element("id", "latency")
     box.clear()
-    box.send_keys("1")  # 1 ms: below what any plan takes, so the floor budget
+    box.send_keys("1")  # 1 ms: below what the model reaches even alone at the floor budget: a 400 naming the range
     run_and_wait(browser, "ask")
-    assert "budget 0.500 (for a 1 ms target)" == text(browser, "budget-used")
-    assert plan(browser) == "PPPP...."
+    assert js(browser, "return document.body.dataset.state;") == "error"
+    assert text(browser, "error").startswith("400 Bad request: latency_ms=1 is below what this model can reach")
+    assert "the achievable range is" in text(browser, "error")
+    box.clear()
+    box.send_keys("300000")  # reachable: it becomes the request's deadline (tighter than the 600 s SLO)
+    run_and_wait(browser, "ask")
+    assert "budget 1.000 (for a 300000 ms target)" == text(browser, "budget-used")
+    assert plan(browser) == "PPPP####"
 
 
 def test_compare_budgets_side_by_side_with_attention(browser):

@@ -25,6 +25,11 @@ def image_part(raw, mime="image/png"):
     return {"type": "image_url", "image_url": {"url": f"data:{mime};base64," + base64.b64encode(raw).decode()}}
 
 
+# a replica's latency profile (serve.policy.LatencyProfile): milliseconds, far inside the default 2 s SLO
+PROFILE = {"budgets": [0.5, 0.75, 1.0], "max_batch_size": 8, "prefill_ms": [5, 7, 9], "decode_ms_1": [1, 1.5, 2],
+           "decode_ms_b": [2, 3, 4], "overhead_ms": 1}
+
+
 def done(job, text="a b c"):
     return {"type": "done", "text": text, "finish_reason": "length", "prompt_tokens": 7, "completion_tokens": 3,
             "adallava": {"budget": 1.0, "latency_ms": {"total": 1.0}}}  # fmt: skip
@@ -40,7 +45,7 @@ class FakeBackend:
         self.ping_impl = ping
 
     async def info(self):
-        return {"budget_range": [0.5, 1.0], "max_context": 2048}
+        return {"budget_range": [0.5, 1.0], "max_context": 2048, "profile": PROFILE, "load": {"replicas": 1}}
 
     async def generate(self, job):
         self.jobs.append(job)
@@ -256,6 +261,18 @@ def test_an_error_after_streaming_began_is_an_error_event_then_done(failure):
     assert json.loads(evs[1])["choices"][0]["delta"]["content"] == "a"
 
 
+def test_a_stream_refused_at_its_turn_is_a_429_not_a_200_stream():
+    """The replica answers "admitted", then refuses the request when its turn comes (deadline_exceeded): the status
+    is sent with the first real event, so the client sees the 429 and its Retry-After."""
+    refusal = {"type": "error", "status": 429, "headers": {"Retry-After": "7"},
+               "body": {"error": {"message": "deadline exceeded", "type": "rate_limit_error", "param": None,
+                                  "code": "deadline_exceeded"}}}  # fmt: skip
+    client, _ = make_client(FakeBackend(stream_script=[refusal]))
+    r = client.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.status_code == 429 and r.headers["retry-after"] == "7"
+    assert r.json()["error"]["code"] == "deadline_exceeded"
+
+
 # ---------------------------------------------------------------------------------------------------------- operations
 
 
@@ -281,7 +298,7 @@ class InfoBackend(FakeBackend):
     async def info(self):
         return {"model_name": "m", "budget_range": [0.5, 1.0], "grid": [0.5, 0.75, 1.0], "max_context": 2048,
                 "num_layers": 4, "num_prefix_layers": 2, "granularity": "head", "token_selection": "none",
-                "profile": {"secret": "not for the page"}}  # fmt: skip
+                "profile": PROFILE, "replica": "not for the page"}  # fmt: skip
 
 
 def test_playground_is_open_and_its_info_route_needs_the_key():

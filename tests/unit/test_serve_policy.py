@@ -1,312 +1,247 @@
-"""serve/policy.py as pure functions (monotone, hysteresis, caps, floor -> 429) and serve/protocol.py validation.
-No Ray, no model: milliseconds."""
+"""serve/policy.py (deadlines -> admission and budgets, the latency model), serve/autoscaling.py and serve/protocol.py
+validation as pure functions over synthetic profiles and a synthetic clock: every decision depends on counts and
+tables, never on this machine's speed. No Ray cluster, no model: milliseconds."""
 
 import asyncio
 import base64
 import io
+import math
 
 import pytest
 from PIL import Image
 
+from serve.autoscaling import OfferedRate, offered_demand_policy
 from serve.policy import (
-    BudgetController, LatencyProfile, PolicyConfig, apply_caps, batch_ms, budget_for_latency, budget_for_load, levels,
-    predicted_batch_ms, predicted_latency_ms, retry_after_s, slowdown_factor, update_slowdown,
+    LatencyProfile, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps, choose_budget,
+    decode_ms, drain_ms, edge_finish_ms, levels, predicted_step_ms, share, simulate, step_ms, update_contention,
 )  # fmt: skip
 from serve.protocol import APIError, Limits, check_image_url, decode_data_url, host_allowed, parse_request, validate_request
 
 GRID = [0.5, 0.625, 0.75, 0.875, 1.0]
+U = 1000.0  # one synthetic cost unit (ms)
 
 
-def profile(noisy=False):
-    # batch of 8 costs about 2x a batch of 1; budget 0.5 about half of 1.0 (the tiny model's measured shape)
-    dec1 = [1.5, 1.8, 2.0, 2.6, 2.8]
-    if noisy:
-        dec1 = [1.5, 1.9, 1.7, 2.6, 2.5]  # not monotone in budget: the profile must repair it
-    return LatencyProfile(GRID, 8, [5, 6, 7, 8, 9], [12, 14, 18, 19, 24], dec1, [1.8, 2.5, 3.1, 4.8, 4.1])
+def units(B=2, overhead=0.0):
+    """Every cost proportional to the budget, no batching discount: prefill(b) = decode(b, n) = b units."""
+    return LatencyProfile(GRID, B, [b * U for b in GRID], [b * U for b in GRID], [b * U for b in GRID],
+                          overhead_ms=overhead, source="config")  # fmt: skip
 
 
-CFG = PolicyConfig(floor=0.5, ceiling=1.0, slo_ms=400, tokens=32, smoothing_s=1.0, hysteresis=0.25)
+def batched():
+    """The tiny model's shape: a step of 8 rows costs about twice a step of 1, budget 0.5 about half of 1.0."""
+    return LatencyProfile(GRID, 8, [5, 6, 7, 8, 9], [1.5, 1.8, 2.0, 2.6, 2.8], [1.8, 2.5, 3.1, 4.8, 5.0], overhead_ms=3)
 
 
-def test_profile_is_made_monotone_in_budget():
-    p = profile(noisy=True)
-    for name in ("decode_ms_1", "decode_ms_b", "prefill_ms_b"):
-        vals = getattr(p, name)
-        assert vals == sorted(vals), name
-    lat = [predicted_latency_ms(p, b, 20, 32) for b in GRID]
-    assert lat == sorted(lat)
+CFG = PolicyConfig(floor=0.5, ceiling=1.0, slo_ms=3.5 * U)
 
 
-@pytest.mark.parametrize("noisy", [False, True])
-def test_budget_for_load_is_monotone_and_spans_floor_to_ceiling(noisy):
-    p = profile(noisy)
-    loads = [0.5 * i for i in range(0, 200)]
-    chosen = [budget_for_load(x, p, CFG) for x in loads]
-    assert all(a >= b for a, b in zip(chosen, chosen[1:])), "more load must never give a higher budget"
-    assert chosen[0] == 1.0 and chosen[-1] == 0.5
-    assert len(set(chosen)) >= 3  # it really grades, not a switch
-    assert set(chosen) <= set(GRID)
+# ---------------------------------------------------------------------------------------------------------- latency model
 
 
-def test_predicted_latency_grows_with_load():
-    p = profile()
-    for b in GRID:
-        lat = [predicted_latency_ms(p, b, x, 32) for x in range(0, 60)]
-        assert all(x <= y for x, y in zip(lat, lat[1:]))
+def test_simulate_plays_the_engine_forward_by_hand():
+    p = units(B=2)
+    assert simulate(p, 0, [Slot(1.0, 2)]) == [2 * U]  # prefill 1 unit, then one decode step of 1 unit
+    assert simulate(p, 0, [Slot(0.5, 2), Slot(0.5, 2)]) == [1.5 * U, 1.5 * U]  # two prefills, one shared step
+    # a third waits for a row: both leave at 1.5, then its prefill (0.5) and its step (0.5)
+    assert simulate(p, 0, [Slot(0.5, 2), Slot(0.5, 2), Slot(0.5, 2)]) == [1.5 * U, 1.5 * U, 2.5 * U]
+    # a running row with 3 steps left beside a newcomer of 2 tokens: the step costs the rows' mean
+    assert simulate(p, 10, [Slot(1.0, 3, running=True), Slot(0.5, 2)]) == [10 + 3.25 * U, 10 + 1.25 * U]
+    assert simulate(p, 0, [Slot(1.0, 1)]) == [U]  # one token: its prefill gives it
+    assert simulate(p, 0, [Slot(1.0, 2)], kappa=2.0) == [4 * U]  # contention scales engine compute
 
 
-def test_floor_and_ceiling_bound_the_choice():
-    p = profile()
-    cfg = PolicyConfig(floor=0.625, ceiling=0.875, slo_ms=400)
-    assert levels(p, cfg) == [0.625, 0.75, 0.875]
-    assert budget_for_load(0, p, cfg) == 0.875
-    assert budget_for_load(1000, p, cfg) == 0.625
-    static = PolicyConfig(floor=1.0, ceiling=1.0, slo_ms=400)
-    assert {budget_for_load(x, p, static) for x in (0, 10, 1000)} == {1.0}
+def test_step_cost_is_a_straight_line_in_rows_and_the_mean_over_budgets():
+    p = batched()
+    assert decode_ms(p, 1.0, 1) == 2.8 and decode_ms(p, 1.0, 8) == 5.0 and decode_ms(p, 1.0, 20) == 5.0
+    assert decode_ms(p, 1.0, 4.5) == pytest.approx(2.8 + (5.0 - 2.8) * 3.5 / 7)
+    assert step_ms(p, [0.5, 1.0]) == pytest.approx((decode_ms(p, 0.5, 2) + decode_ms(p, 1.0, 2)) / 2)
+    assert step_ms(p, []) == 0.0
+    assert predicted_step_ms(p, [0.5, 1.0], [1.0]) == pytest.approx(2.8 + 5 + 9)
 
 
-def test_policy_config_rejects_bad_ranges():
-    with pytest.raises(ValueError, match="floor <= ceiling"):
-        PolicyConfig(floor=0.9, ceiling=0.6).check((0.5, 1.0))
-    with pytest.raises(ValueError, match="floor <= ceiling"):
-        PolicyConfig(floor=0.3).check((0.5, 1.0))
-    with pytest.raises(ValueError, match="slo_ms"):
-        PolicyConfig(slo_ms=0).check((0.5, 1.0))
+def test_profiles_are_checked_and_made_monotone():
+    p = LatencyProfile(GRID, 8, [5, 4, 7, 8, 9], [1, 2, 1.5, 3, 3], [0.5, 3, 3, 4, 5])
+    assert p.prefill_ms == [5, 5, 7, 8, 9] and p.decode_ms_1 == [1, 2, 2, 3, 3]
+    assert p.decode_ms_b == [1, 3, 3, 4, 5]  # more rows never cost less than one
+    with pytest.raises(ValueError, match="prefill_ms needs one value per budget"):
+        LatencyProfile(GRID, 8, [1], [1] * 5, [1] * 5)
+    with pytest.raises(ValueError, match="ascending"):
+        LatencyProfile([1.0, 0.5], 8, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="finite values >= 0"):
+        LatencyProfile(GRID, 8, [1, 1, 1, 1, math.nan], [1] * 5, [1] * 5)
+    with pytest.raises(ValueError, match="unknown keys \\['prefill_ms_1'\\]"):
+        LatencyProfile.from_dict({**units().to_dict(), "prefill_ms_1": [1]})
+    q = LatencyProfile.from_dict(units(overhead=7).to_dict())
+    assert q.to_dict() == units(overhead=7).to_dict() and q.source == "config"
+    assert LatencyProfile.from_dict(units().to_dict(), source="cache").source == "cache"
 
 
-def test_floor_that_cannot_keep_up_rejects_with_retry_after():
-    p = profile()
-    assert retry_after_s(1, p, CFG) is None
-    # find the first load the floor cannot serve within the SLO
-    over = next(x for x in range(1, 1000) if predicted_latency_ms(p, 0.5, x, CFG.tokens) > CFG.slo_ms)
-    assert retry_after_s(over - 1, p, CFG) is None
-    r = retry_after_s(over, p, CFG)
-    assert isinstance(r, int) and r >= 1
-    assert retry_after_s(10 * over, p, CFG) > r  # a longer queue asks clients to wait longer
-    queueing = PolicyConfig(**{**CFG.__dict__, "reject": False})
-    assert retry_after_s(10 * over, p, queueing) is None
-    # while the floor still meets the SLO the server degrades instead of rejecting
-    assert budget_for_load(over - 1, p, CFG) == 0.5
+def test_achievable_range_and_capacity_by_hand():
+    p = units(B=2, overhead=100)
+    assert alone_ms(p, 0.5, 2) == 100 + 0.5 * U + 0.5 * U
+    assert achievable_ms(p, CFG, 3) == (100 + 1.5 * U, 100 + 3 * U)
+    # B = 2 rows share each step: per request overhead + prefill + (T-1) * step / B
+    assert capacity_rps(p, 1.0, 3) == pytest.approx(1000 / (100 + U + 2 * U / 2))
+    assert capacity_rps(p, 0.5, 3) > capacity_rps(p, 1.0, 3)
 
 
-def test_caps_never_raise_the_budget():
-    assert apply_caps(1.0, 0.6) == 0.6
-    assert apply_caps(0.625, 0.9) == 0.625
-    assert apply_caps(0.875, None, 0.75) == 0.75
-    assert apply_caps(0.875, 0.8, 0.5) == 0.5
-    assert apply_caps(0.75) == 0.75
+# ---------------------------------------------------------------------------------------------------------- budgets at join
 
 
-def test_latency_target_maps_to_the_largest_budget_that_meets_it():
-    p = profile()
-    tight = predicted_latency_ms(p, 0.625, 1, 32) + 0.01
-    assert budget_for_latency(tight, 1, p, CFG) == 0.625
-    assert budget_for_latency(1e9, 1, p, CFG) == 1.0
-    assert budget_for_latency(0.001, 1, p, CFG) == 0.5  # unreachable target: the floor (best effort)
-    # the same target under more load buys less compute
-    assert budget_for_latency(tight * 3, 40, p, CFG) <= budget_for_latency(tight * 3, 1, p, CFG)
+def test_an_idle_replica_gives_the_ceiling_cold_start():
+    """A fresh replica (no state at all) never starts lowered: alone, the ceiling meets the deadline."""
+    c = choose_budget(units(), CFG, 0, [], Slot(0, 2, 3.5 * U), [])
+    assert c == type(c)(1.0, True, 2 * U)
 
 
-def test_controller_smooths_a_spike_and_holds_inside_the_hysteresis_band():
-    p = profile()
-    c = BudgetController(p, CFG)
-    c.observe(1, 0.0)
-    assert c.decide() == 1.0
-    c.observe(200, 0.01)  # a 10 ms spike barely moves the smoothed load
-    assert c.decide() == 1.0
-    t = 0.01
-    for _ in range(50):  # sustained overload for 5 s: the budget falls to the floor
-        t += 0.1
-        c.observe(200, t)
-    assert c.decide() == 0.5
-    # find a load whose instantaneous choice is a middle level, and one slightly lower (inside the band)
-    mid = next(x for x in range(1, 400) if budget_for_load(x, p, CFG) < 1.0)
-    assert budget_for_load(mid * 0.9, p, CFG) >= budget_for_load(mid, p, CFG)
-    for _ in range(100):
-        t += 0.1
-        c.observe(mid, t)
-    held = c.decide()
-    # coming up from the floor, the budget rises only to the band's level f((1 + h) * L), below f(L) here
-    assert held == budget_for_load(mid * (1 + CFG.hysteresis), p, CFG) < budget_for_load(mid, p, CFG)
-    # small wiggles around this load do not move the budget up and down
-    seen = set()
-    for i in range(100):
-        t += 0.1
-        c.observe(mid * (0.92 if i % 2 else 1.0), t)
-        seen.add(c.decide())
-    assert len(seen) == 1
-    for _ in range(100):  # the load goes away: the budget comes back to the ceiling
-        t += 0.1
-        c.observe(0.5, t)
-    assert c.decide() == 1.0
+def test_a_burst_lowers_the_budgets_of_those_ahead_so_the_ones_behind_meet_their_deadlines():
+    """Four requests of 2 tokens, B = 2, all due at 3.5 units (the integration test's scenario, in numbers)."""
+    p, due = units(B=2), 3.5 * U
+    first = choose_budget(p, CFG, 0, [], Slot(0, 2, due), [Slot(0.5, 2, due)] * 3)
+    # at b: both joiners leave at 1.5 (b + 0.5), the last two 1.5 later: b + 0.5 <= 4/3 -> 0.75
+    assert first.budget == 0.75 and first.feasible
+    second = choose_budget(p, CFG, 0, [Slot(0.75, 2, due)], Slot(0, 2, due), [Slot(0.5, 2, due)] * 2)
+    assert second.budget == 0.5
+    # the burst is over (nothing ahead, nothing behind): the next request runs at full budget again
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, due), []).budget == 1.0
 
 
-def test_controller_without_hysteresis_would_flap_where_ours_does_not():
-    p = profile()
-    edge = next(x / 10 for x in range(10, 4000) if budget_for_load(x / 10, p, CFG) < 1.0)
-    loads = [edge * 1.02, edge * 0.98] * 30
-    flap = [budget_for_load(x, p, CFG) for x in loads]
-    assert len(set(flap)) == 2  # the bare policy flips at the threshold
-    c = BudgetController(p, PolicyConfig(**{**CFG.__dict__, "smoothing_s": 0.01}))  # no smoothing: hysteresis only
-    out = []
-    for i, x in enumerate(loads):
-        c.observe(x, i * 1.0)
-        out.append(c.decide())
-    assert len(set(out[1:])) == 1
+def test_a_request_is_not_raised_at_the_cost_of_one_beside_it():
+    p = units(B=2)
+    running = Slot(0.5, 3, 2.2 * U, running=True)  # 3 steps left at 0.5: alone it ends at 1.5
+    # alone, the newcomer could run at 1.0 (finish 2 + ...), but then the running row would end after 2.2 units
+    c = choose_budget(p, CFG, 0, [running], Slot(0, 2, 10 * U), [])
+    fin = simulate(p, 0, [running, Slot(c.budget, 2)])
+    assert fin[0] <= 2.2 * U and c.budget < 1.0
+    assert simulate(p, 0, [running, Slot(1.0, 2)])[0] > 2.2 * U
 
 
-def test_controller_is_monotone_in_load_from_the_same_state():
-    p = profile()
-    for start in (1, 20, 60):
-        res = []
-        for x in range(0, 200, 5):
-            c = BudgetController(p, CFG)
-            c.observe(start, 0.0)
-            c.decide()
-            c.observe(x, 10.0)
-            res.append(c.decide())
-        assert all(a >= b for a, b in zip(res, res[1:]))
+def test_someone_late_anyway_does_not_hold_the_budget_down():
+    p = units(B=2)
+    doomed = Slot(0.5, 2, 0.1 * U)  # behind, and late whatever the newcomer does
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, 3.5 * U), [doomed]).budget == 1.0
 
 
-# ---------------------------------------------------------------------------------------------------------- slowdown
+def test_an_expired_request_is_infeasible_at_the_floor():
+    p = units(B=2)
+    c = choose_budget(p, CFG, 5 * U, [], Slot(0, 2, 5.9 * U), [])  # 0.9 units left, the floor needs 1
+    assert not c.feasible and c.budget == 0.5 and c.predicted == 6 * U
+    assert choose_budget(p, CFG, 5 * U, [], Slot(0, 2, 6 * U), []).feasible  # exactly in time is in time
 
 
-def test_slowdown_factor_converges_to_a_steady_ratio():
-    for ratio in (3.0, 0.7, 1.0):
+def test_budget_is_monotone_in_the_work_ahead_and_in_the_deadline():
+    p = batched()
+    cfg = PolicyConfig(slo_ms=200)
+    by_queue = [choose_budget(p, cfg, 0, [Slot(1.0, 16, None, True)] * min(k, 8) + [Slot(0.5, 16)] * max(k - 8, 0),
+                              Slot(0, 16, 200.0), []).budget for k in range(0, 30)]  # fmt: skip
+    assert all(a >= b for a, b in zip(by_queue, by_queue[1:])) and by_queue[0] == 1.0 and by_queue[-1] == 0.5
+    by_deadline = [choose_budget(p, cfg, 0, [Slot(1.0, 16, None, True)] * 4, Slot(0, 16, d), []).budget
+                   for d in range(20, 400, 5)]  # fmt: skip
+    assert all(a <= b for a, b in zip(by_deadline, by_deadline[1:])) and len(set(by_deadline)) >= 3
+
+
+def test_floor_and_ceiling_bound_the_choice_and_caps_only_lower_it():
+    p = units()
+    assert levels(p, PolicyConfig(floor=0.625, ceiling=0.875)) == [0.625, 0.75, 0.875]
+    static = PolicyConfig(floor=1.0, ceiling=1.0, slo_ms=100 * U)
+    assert choose_budget(p, static, 0, [], Slot(0, 2, 100 * U), [Slot(1.0, 2, 100 * U)] * 10).budget == 1.0
+    assert choose_budget(p, PolicyConfig(floor=0.625, ceiling=0.875), 0, [], Slot(0, 2, None), []).budget == 0.875
+    assert apply_caps(1.0, 0.6) == 0.6 and apply_caps(0.5, 0.9) == 0.5 and apply_caps(0.75) == 0.75
+
+
+# ---------------------------------------------------------------------------------------------------------- edge admission
+
+
+def test_share_splits_the_in_flight_requests_in_send_order():
+    assert share([1, 2, 3, 4, 5], 1) == [1, 2, 3, 4, 5]
+    assert share([1, 2, 3, 4, 5], 2) == [2, 4]  # replica 1 holds 2 and 4 (replica 0 holds three)
+    assert share([1, 2, 3, 4], 2) == [1, 3] and share([], 3) == []
+
+
+def test_edge_admission_refuses_what_even_the_floor_cannot_make_with_retry_after():
+    p, due = units(B=2), 3.5 * U
+    # the floor behind k requests of 2 tokens: the oldest two run (one step left each), the rest wait for their rows
+    finishes = [edge_finish_ms(p, CFG, 0, [2] * k, 1, 2) for k in range(7)]
+    assert finishes == [U, U, 1.5 * U, 2 * U, 3 * U, 3.5 * U, 4.5 * U]
+    assert [admission(p, CFG, 0, due, [2] * k, 1, 2) for k in range(7)] == [None] * 6 + [1]
+    assert admission(p, CFG, 0, 0.4 * U, [2] * 9, 1, 2) == math.ceil((edge_finish_ms(p, CFG, 0, [2] * 9, 1, 2) - 400) / 1000)
+    assert admission(p, CFG, 0, due, [2] * 4, 2, 2) is None  # two replicas share them
+    lenient = PolicyConfig(slo_ms=3.5 * U, reject=False)
+    assert admission(p, lenient, 0, due, [2] * 50, 1, 2) is None  # reject=False: only the bounds refuse
+    assert edge_finish_ms(units(B=2, overhead=250), CFG, 0, [], 1, 2) == U + 250
+    assert drain_ms(p, CFG, 0, [2] * 5, 1) == 0.5 * U and drain_ms(p, CFG, 0, [], 1) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------- contention
+
+
+def test_the_contention_factor_does_not_follow_the_budget():
+    """The old slowdown factor divided whole-batch wall time (fixed costs included) by generate time, so a lower budget
+    read as more slowdown. Engine steps twice as slow as profiled read as 2 at every budget."""
+    p = batched()
+    for budgets in ([1.0] * 8, [0.5] * 8, [0.5, 1.0, 0.75]):
         window = []
-        seen = [update_slowdown(window, ratio * 100.0, 100.0, CFG) for _ in range(3 * CFG.slowdown_window)]
-        assert seen[-1] == pytest.approx(ratio)
-        assert len(window) == CFG.slowdown_window  # a sliding window, not an ever-growing history
-        # it gets there monotonically from the start (no overshoot)
-        assert all(abs(a - ratio) >= abs(b - ratio) - 1e-12 for a, b in zip(seen, seen[1:]))
+        for _ in range(8):
+            kappa = update_contention(window, 2 * predicted_step_ms(p, [], budgets), predicted_step_ms(p, [], budgets), CFG)
+        assert kappa == pytest.approx(2.0)
 
 
-def test_slowdown_factor_is_bounded_and_ignores_non_measurements():
+def test_the_contention_factor_is_a_bounded_median_that_ignores_non_measurements():
     window = []
-    for r in (1e6, 1e6, 1e6, 1e6, 1e6, 1e6, 1e6, 1e6, 1e6):
-        f = update_slowdown(window, r, 1.0, CFG)
-    assert f == CFG.slowdown_max and max(window) == CFG.slowdown_max
+    assert update_contention(window, 0.0, 10.0, CFG) == 1.0 and window == []
+    assert update_contention(window, math.inf, 10.0, CFG) == 1.0 and window == []
+    assert update_contention(window, 1000.0, 1.0, CFG) == 10.0  # clipped to contention_max
+    assert update_contention(window, 1.0, 1000.0, CFG) == pytest.approx((10 + 0.1) / 2)  # even window: the mean of two
+    assert update_contention(window, 3.0, 1.0, CFG) == 3.0  # odd: the middle one
     for _ in range(20):
-        f = update_slowdown(window, 1e-6, 1.0, CFG)
-    assert f == CFG.slowdown_min
-    before = list(window)
-    for measured, predicted in ((0.0, 10.0), (10.0, 0.0), (float("nan"), 10.0), (float("inf"), 10.0), (-5, 10)):
-        assert update_slowdown(window, measured, predicted, CFG) == CFG.slowdown_min
-    assert window == before
-    assert slowdown_factor([], CFG) == 1.0  # no batch yet: trust the profile
+        update_contention(window, 1.0, 1.0, CFG)
+    assert len(window) == CFG.contention_window and update_contention(window, 9.0, 1.0, CFG) == 1.0
 
 
-def test_one_slow_batch_cannot_move_the_factor_or_collapse_budgets():
-    p = profile()
-    c = BudgetController(p, CFG)
-    for _ in range(CFG.slowdown_window):
-        c.observe_batch(batch_ms(p, 1.0, 1, 8), [([1.0], 8)])  # exactly as profiled
-    assert c.slowdown == pytest.approx(1.0)
-    c.observe(1, 0.0)
-    assert c.decide() == 1.0
-    c.observe_batch(1e9, [([1.0], 8)])  # a 10^9 ms hiccup
-    assert c.slowdown == pytest.approx(1.0)
-    assert c.decide() == 1.0
-    # ... but a sustained slowdown does move it, within about half a window of batches
-    n = 0
-    while c.slowdown < 4.0:
-        c.observe_batch(4.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
-        n += 1
-    assert n <= CFG.slowdown_window // 2 + 1
+def test_policy_config_is_checked():
+    for kw in (dict(floor=0.5 - 1e-10), dict(floor=1.0, ceiling=1.0), dict(contention_max=1.0), dict(contention_window=1),
+               dict(target_utilization=1.0)):  # fmt: skip
+        PolicyConfig(**kw).check((0.5, 1.0))
+    for kw, words in ((dict(floor=0.9, ceiling=0.6), "floor <= ceiling"), (dict(ceiling=1.5), "ceiling=1.5"),
+                      (dict(slo_ms=0), "slo_ms"), (dict(tokens=0), "tokens"), (dict(contention_max=0.9), "contention_max"),
+                      (dict(contention_window=0), "contention_window"), (dict(target_utilization=0), "target_utilization")):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            PolicyConfig(**kw).check((0.5, 1.0))
 
 
-def test_slowdown_factor_is_monotone_in_the_observed_ratio():
-    base = [1.2, 0.8, 2.0, 1.5]
-    prev = None
-    for r in [0.1, 0.5, 0.9, 1.0, 1.3, 2.5, 7.0, 20.0]:
-        f = update_slowdown(list(base), r * 50.0, 50.0, CFG)
-        assert prev is None or f >= prev
-        prev = f
+# ---------------------------------------------------------------------------------------------------------- autoscaling
 
 
-def test_policy_is_monotone_in_load_and_in_slowdown():
-    p = profile()
-    phis = [0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
-    loads = [0.5 * i for i in range(0, 120)]
-    table = [[budget_for_load(x, p, CFG, phi) for x in loads] for phi in phis]
-    for row in table:  # in load, at each factor
-        assert all(a >= b for a, b in zip(row, row[1:]))
-    for col in zip(*table):  # in the factor, at each load
-        assert all(a >= b for a, b in zip(col, col[1:]))
-    # a slower machine lowers the budget at a load the profile alone would serve at full budget
-    x = next(x for x in loads if budget_for_load(x, p, CFG, 3.0) < 1.0)
-    assert budget_for_load(x, p, CFG, 1.0) == 1.0
-    assert predicted_latency_ms(p, 0.75, 20, 32, 3.0) == pytest.approx(3.0 * predicted_latency_ms(p, 0.75, 20, 32))
+def ctx(metrics, current=1, lo=1, hi=4):
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingContext
+
+    dep = DeploymentID(name="AdaLlavaModel", app_name="adallava")
+    return AutoscalingContext(
+        deployment_id=dep, deployment_name="AdaLlavaModel", app_name="adallava", current_num_replicas=current,
+        target_num_replicas=current, running_replicas=[], total_num_requests=0.0, total_queued_requests=0.0,
+        aggregated_metrics={k: {ReplicaID(f"r{i}", dep): v for i, v in enumerate(vals)} for k, vals in metrics.items()},
+        raw_metrics={}, capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi, policy_state={},
+        last_scale_up_time=None, last_scale_down_time=None, current_time=0.0, config=None)  # fmt: skip
 
 
-def test_slowdown_makes_admission_refuse_earlier():
-    p = profile()
-    over = next(x for x in range(1, 1000) if retry_after_s(x, p, CFG) is not None)
-    assert retry_after_s(over / 2, p, CFG, slowdown=3.0) is not None  # the queue already implies a miss at the floor
-    assert retry_after_s(over - 1, p, CFG, slowdown=1.0) is None
-    # and asks clients to wait for what the slower drain really needs
-    assert retry_after_s(10 * over, p, CFG, slowdown=3.0) > retry_after_s(10 * over, p, CFG, slowdown=1.0)
+def test_autoscaling_sizes_for_the_offered_demand_at_full_budget():
+    # every replica sees the ingress's totals: the offered rate is the max over replicas, not the sum
+    assert offered_demand_policy(ctx({"offered_rps": [50, 48], "capacity_rps": [20, 20]}, current=2)) == (3, {})
+    assert offered_demand_policy(ctx({"offered_rps": [40], "capacity_rps": [20]})) == (2, {})  # exactly 2 replicas
+    assert offered_demand_policy(ctx({"offered_rps": [0], "capacity_rps": [20]}, current=3)) == (1, {})  # min
+    assert offered_demand_policy(ctx({"offered_rps": [500], "capacity_rps": [20]})) == (4, {})  # max
+    assert offered_demand_policy(ctx({}, current=2)) == (2, {})  # nothing reported yet: keep
 
 
-def test_controller_learns_a_slowdown_and_lowers_budgets_then_recovers():
-    p = profile()
-    c = BudgetController(p, CFG)
-    load = next(x for x in range(1, 200) if budget_for_load(x, p, CFG, 3.0) == 0.5)
-    assert budget_for_load(load, p, CFG, 1.0) > 0.5
-    t = 0.0
-    for _ in range(20):
-        t += 0.1
-        c.observe(load, t)
-    before = c.decide()
-    assert before > 0.5
-    for _ in range(CFG.slowdown_window):  # batches run 3x slower than profiled (contended cores)
-        b = c.decide()
-        c.observe_batch(3.0 * predicted_batch_ms(p, [b] * 8, 32), [([b] * 8, 32)])
-    assert c.slowdown == pytest.approx(3.0)
-    assert c.decide() == 0.5
-    for _ in range(CFG.slowdown_window):  # the contention goes away: the factor and the budget come back
-        b = c.decide()
-        c.observe_batch(1.0 * predicted_batch_ms(p, [b] * 8, 32), [([b] * 8, 32)])
-    assert c.slowdown == pytest.approx(1.0)
-    assert c.decide() == before
-
-
-def test_predicted_batch_cost_uses_the_largest_budget_and_sums_groups():
-    p = profile()
-    assert predicted_batch_ms(p, [0.5, 1.0, 0.75], 8) == batch_ms(p, 1.0, 3, 8)
-    assert predicted_batch_ms(p, [], 8) == 0.0
-    c = BudgetController(p, CFG)
-    one = predicted_batch_ms(p, [1.0], 8) + predicted_batch_ms(p, [0.5, 0.5], 4)
-    c.observe_batch(2.0 * one, [([1.0], 8), ([0.5, 0.5], 4)])
-    assert c.ratios == [1.0] * (CFG.slowdown_window - 1) + [pytest.approx(2.0)] and c.batches_seen == 1
-
-
-def test_a_cold_replica_trusts_its_profile_until_half_a_window_of_batches_disagrees():
-    """A fresh controller starts with the window full of 1.0 (the module docstring's promise): one slow first batch
-    (a warm-up or GC hiccup) moves neither the factor nor the budget at load 1; it takes more than half a window of
-    slow batches."""
-    p = profile()
-    c = BudgetController(p, CFG)
-    assert c.slowdown == 1.0 and c.ratios == [1.0] * CFG.slowdown_window
-    c.observe(1, 0.0)
-    assert c.decide() == 1.0
-    assert c.observe_batch(1e9, [([1.0], 8)]) == 1.0  # the very first batch is 10^9 ms
-    assert c.decide() == 1.0
-    slow = [c.observe_batch(10.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)]) for _ in range(CFG.slowdown_window)]
-    half = CFG.slowdown_window // 2
-    # counting the first one, half a window of slow batches ties the median (1 and 10 average), one more moves it
-    assert slow[: half - 2] == [1.0] * (half - 2)
-    assert slow[half - 2] == pytest.approx((1.0 + CFG.slowdown_max) / 2) and slow[half - 1] == CFG.slowdown_max
-    assert c.decide() < 1.0
-
-
-def test_slowdown_config_is_checked():
-    with pytest.raises(ValueError, match="slowdown_min"):
-        PolicyConfig(slowdown_min=0).check((0.5, 1.0))
-    with pytest.raises(ValueError, match="slowdown_max"):
-        PolicyConfig(slowdown_max=0.9).check((0.5, 1.0))
-    with pytest.raises(ValueError, match="slowdown_window"):
-        PolicyConfig(slowdown_window=0).check((0.5, 1.0))
+def test_offered_rate_counts_the_ingress_totals_over_the_window():
+    r = OfferedRate(window_s=5.0)
+    assert r.rate(0.0) == 0.0
+    for t in range(11):
+        r.observe(float(t), 10 * t)  # 10 requests a second offered (refused ones included in the totals)
+    r.observe(10.5, 95)  # an older total overtaken by a newer one: ignored
+    assert r.rate(10.0) == pytest.approx((100 - 40) / 5)
+    assert r.rate(100.0) == 0.0  # nothing seen for a whole window
 
 
 # ---------------------------------------------------------------------------------------------------------- protocol
@@ -446,109 +381,3 @@ def test_allow_list_matching():
     assert not host_allowed("images.example.com.evil", allowed) and not host_allowed("", allowed)
     ok = Limits(fetch_images=True, allowed_image_hosts=allowed)
     assert check_image_url("https://a.cdn.org/x.png", "p", ok) == "https://a.cdn.org/x.png"
-
-
-def test_policy_config_edges_are_valid_settings_and_beyond_them_is_an_error():
-    ok = [dict(floor=0.5 - 1e-9), dict(floor=0.5, ceiling=0.5), dict(floor=1.0, ceiling=1.0), dict(hysteresis=0.0),
-          dict(slowdown_min=1.0), dict(slowdown_max=1.0), dict(slowdown_max=1.5), dict(slowdown_window=1)]  # fmt: skip
-    for kw in ok:
-        PolicyConfig(**kw).check((0.5, 1.0))
-    with pytest.raises(ValueError, match="ceiling=1.5"):
-        PolicyConfig(ceiling=1.5).check((0.5, 1.0))
-    with pytest.raises(ValueError, match=r"policy.hysteresis must be >= 0, got -0.1"):
-        PolicyConfig(hysteresis=-0.1).check((0.5, 1.0))
-
-
-def test_a_batch_that_decoded_nothing_costs_its_prefill():
-    p = profile()
-    assert predicted_batch_ms(p, [1.0], 0) == batch_ms(p, 1.0, 1, 1) == p.prefill_ms_1[-1]
-
-
-def test_a_zero_measurement_is_not_a_sample():
-    window = []
-    assert update_slowdown(window, 0.0, 10.0, CFG) == 1.0 and window == []
-
-
-def test_retry_after_is_the_excess_in_whole_seconds():
-    from dataclasses import replace
-
-    p = profile()
-    load = next(x for x in range(1, 10_000) if predicted_latency_ms(p, 0.5, x, CFG.tokens) > 5000)
-    predicted = predicted_latency_ms(p, 0.5, load, CFG.tokens)
-    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted)) is None  # exactly at the limit: admitted
-    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted - 10.0)) == 1  # 10 ms over: wait a second
-    assert retry_after_s(load, p, replace(CFG, slo_ms=predicted - 3000.5)) == 4  # 3000.5 ms over: 4 s
-
-
-def test_every_batch_is_counted():
-    p = profile()
-    c = BudgetController(p, CFG)
-    for _ in range(3):
-        c.observe_batch(batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
-    assert c.batches_seen == 3
-
-
-def test_load_is_an_exponential_moving_average_with_its_time_constant():
-    from dataclasses import replace
-
-    import math
-
-    c = BudgetController(profile(), replace(CFG, smoothing_s=0.5))
-    assert c.decide() == 1.0  # nothing observed yet: an idle replica, full budget
-    c.observe(0, 100.0)
-    assert c.observe(10, 100.5) == pytest.approx(10 * (1 - math.exp(-1)))  # one time constant later
-    assert c.raw_load == 10.0
-
-
-def test_the_hysteresis_band_uses_the_learned_slowdown_too():
-    p = profile()
-    c = BudgetController(p, CFG)
-    for _ in range(CFG.slowdown_window):
-        c.observe_batch(3.0 * batch_ms(p, 1.0, 1, 8), [([1.0], 8)])
-    assert c.slowdown == pytest.approx(3.0)
-    c.observe(1000, 0.0)
-    assert c.decide() == 0.5
-    load = next(x for x in range(1, 400) if budget_for_load(x, p, CFG, 3.0) > budget_for_load(1.25 * x, p, CFG, 3.0)
-                and budget_for_load(1.25 * x, p, CFG, 1.0) > budget_for_load(1.25 * x, p, CFG, 3.0))  # fmt: skip
-    c.observe(load, 1000.0)  # a thousand time constants later: the smoothed load is `load`
-    assert c.decide() == budget_for_load(1.25 * load, p, CFG, 3.0)
-
-
-def test_cost_model_by_hand():
-    """batch_ms: the straight line between a batch of 1 and a full batch, prefill plus (tokens - 1) decode steps;
-    predicted_latency_ms: (load / B) batches ahead when the queue holds more than one batch, never fewer than one."""
-    p = LatencyProfile(budgets=[0.5, 1.0], max_batch_size=5, prefill_ms_1=[10.0, 20.0], prefill_ms_b=[30.0, 60.0],
-                       decode_ms_1=[1.0, 2.0], decode_ms_b=[3.0, 6.0])  # fmt: skip
-    assert batch_ms(p, 1.0, 1, 1) == 20.0 and batch_ms(p, 1.0, 1, 0) == 20.0
-    assert batch_ms(p, 1.0, 1, 4) == 20.0 + 3 * 2.0
-    assert batch_ms(p, 1.0, 5, 4) == 60.0 + 3 * 6.0
-    assert batch_ms(p, 1.0, 3, 4) == pytest.approx(40.0 + 3 * 4.0)  # halfway between 1 and 5
-    assert batch_ms(p, 0.5, 0.5, 2) == 10.0 + 1.0  # fewer than one request costs one
-    assert batch_ms(p, 0.75, 9, 1) == 30.0  # a budget runs as its grid level; more than B is a full batch
-    one = LatencyProfile(budgets=[1.0], max_batch_size=1, prefill_ms_1=[7.0], prefill_ms_b=[9.0], decode_ms_1=[1.0],
-                         decode_ms_b=[2.0])  # fmt: skip
-    assert batch_ms(one, 1.0, 1, 3) == 7.0 + 2 * 1.0  # B = 1: the batch-of-1 line
-    assert predicted_latency_ms(p, 1.0, 0.5, 4) == batch_ms(p, 1.0, 1, 4)
-    assert predicted_latency_ms(p, 1.0, 5, 4) == batch_ms(p, 1.0, 5, 4)
-    assert predicted_latency_ms(p, 1.0, 15, 4, slowdown=2.0) == 2.0 * 3 * batch_ms(p, 1.0, 5, 4)
-
-
-def test_profiles_are_checked_clipped_and_made_monotone():
-    with pytest.raises(ValueError, match="non-empty ascending"):
-        LatencyProfile(budgets=[1.0, 0.5], max_batch_size=2, prefill_ms_1=[1, 1], prefill_ms_b=[1, 1],
-                       decode_ms_1=[1, 1], decode_ms_b=[1, 1])  # fmt: skip
-    with pytest.raises(ValueError, match="non-empty ascending"):
-        LatencyProfile(budgets=[], max_batch_size=2, prefill_ms_1=[], prefill_ms_b=[], decode_ms_1=[], decode_ms_b=[])
-    with pytest.raises(ValueError, match="profile.decode_ms_b needs one value per budget"):
-        LatencyProfile(budgets=[0.5], max_batch_size=2, prefill_ms_1=[1], prefill_ms_b=[1], decode_ms_1=[1],
-                       decode_ms_b=[1, 2])  # fmt: skip
-    p = LatencyProfile(budgets=[0.5, 0.75, 1.0], max_batch_size=2, prefill_ms_1=[0.5, -3.0, 0.2],
-                       prefill_ms_b=[5.0, 4.0, 6.0], decode_ms_1=[1, 1, 1], decode_ms_b=[1, 1, 1])  # fmt: skip
-    assert p.prefill_ms_1 == [0.5, 0.5, 0.5] and p.prefill_ms_b == [5.0, 5.0, 6.0]  # clipped at 0, then cummax
-    assert [p.index(b) for b in (0.1, 0.5, 0.74, 0.75, 1.0)] == [0, 0, 0, 1, 2]
-
-
-def test_slowdown_is_the_median_of_odd_and_even_windows():
-    assert slowdown_factor([5.0, 1.0, 3.0, 2.0, 4.0], CFG) == 3.0
-    assert slowdown_factor([1.0, 2.0, 3.0], CFG) == 2.0
-    assert slowdown_factor([1.0, 2.0, 3.0, 7.0], CFG) == 2.5

@@ -1,0 +1,145 @@
+"""Overload through Ray Serve, deterministically: one replica of the tiny model with a latency profile given in config
+whose costs are units of 1000 s (the real model answers in milliseconds, and the tightest decision here moves only
+after 125 s of real time, so decisions depend on counts, never on this machine's speed or load), the engine held by the test-only pause (fault_injection) while requests queue, and the replica's
+deadline clock moved by the test-only advance_clock. Checked: a fresh replica serves at full budget; a burst lowers
+budgets before any 429; past the bound a 429 + Retry-After comes from the ingress without touching the model; an expired
+request is refused at its turn, never computed; afterwards the budget is full again at once."""
+
+import concurrent.futures as cf
+import socket
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+GRID = [0.5, 0.625, 0.75, 0.875, 1.0]
+U = 1_000_000.0  # one cost unit (ms): prefill(b) = one decode step(b) = b units, whatever the batch
+PROFILE = {"budgets": GRID, "max_batch_size": 2, "prefill_ms": [b * U for b in GRID],
+           "decode_ms_1": [b * U for b in GRID], "decode_ms_b": [b * U for b in GRID], "overhead_ms": 0.0}  # fmt: skip
+SLO = 3.5 * U
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_name": "adallava-test", "max_batch_size": 2, "max_queued_requests": 2, "min_replicas": 1,
+            "max_replicas": 1, "fault_injection": True, "profile": PROFILE,
+            "policy": {"slo_ms": SLO, "floor": 0.5, "ceiling": 1.0, "reject": True, "tokens": 2},
+            "limits": {"default_max_tokens": 2}}  # fmt: skip
+    serve.run(build_app(args), name="overload", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "model": serve.get_deployment_handle("AdaLlavaModel", app_name="overload")}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server["url"], timeout=120) as c:
+        yield c
+
+
+def ask(url):
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Describe it"}],
+                                                 "max_tokens": 2})  # fmt: skip
+        return r.status_code, r.json(), r.headers
+
+
+def info(server):
+    return server["model"].info.remote().result()
+
+
+def wait_for(server, predicate, attempts=600):
+    """Polls the replica's state until predicate(info) holds; a bounded number of polls."""
+    import time
+
+    for _ in range(attempts):
+        state = info(server)
+        if predicate(state):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"state not reached: {info(server)}")
+
+
+def test_a_fresh_replica_serves_at_full_budget(server, http):
+    status, body, _ = ask(server["url"])
+    assert status == 200, body
+    ada = body["adallava"]
+    assert ada["budget"] == 1.0 and ada["budget_server"] == 1.0 and ada["deadline_ms"] == SLO
+    assert set(ada["latency_ms"]) >= {"total", "queue", "prefill", "decode", "server"}
+    assert info(server)["profile"]["source"] == "config" and info(server)["contention"] == 1.0
+
+
+def test_a_burst_lowers_budgets_before_any_429_and_past_the_bound_429_comes_from_the_edge(server):
+    """B = 2, 2 queued, 4 requests of 2 tokens due at 3.5 units, held until all four wait. The first two to take a row
+    get 0.75 and 0.5 (serve.policy: the two behind them must still make 3.5 units), the last two, with nobody
+    behind, full budget (0.75 stays the choice while less than 0.125 units, 125 s, pass between the burst's arrival
+    and its join). A fifth request while four are in flight: 429 at the ingress, the model never sees it."""
+    model = server["model"]
+    before = info(server)["joined"]
+    model.pause_engine.remote(True).result()
+    try:
+        with cf.ThreadPoolExecutor(4) as ex:
+            burst = [ex.submit(ask, server["url"]) for _ in range(4)]
+            wait_for(server, lambda s: s["load"]["waiting"] == 4)
+            status, body, headers = ask(server["url"])
+            assert status == 429 and body["error"]["code"] == "overloaded", body
+            assert body["error"]["type"] == "rate_limit_error" and int(headers["retry-after"]) >= 1
+            state = info(server)
+            assert state["load"]["waiting"] == 4 and state["joined"] == before  # nothing reached the engine
+            model.pause_engine.remote(False).result()
+            results = [f.result() for f in burst]
+    finally:
+        model.pause_engine.remote(False).result()
+    assert [s for s, _, _ in results] == [200] * 4, results
+    assert sorted(b["adallava"]["budget"] for _, b, _ in results) == [0.5, 0.75, 1.0, 1.0]
+    assert info(server)["joined"] == before + 4
+
+
+def test_an_expired_request_is_refused_at_its_turn_not_computed(server):
+    model = server["model"]
+    state = info(server)
+    before, refused = state["joined"], state["refused_deadline"]
+    model.pause_engine.remote(True).result()
+    try:
+        with cf.ThreadPoolExecutor(1) as ex:
+            late = ex.submit(ask, server["url"])  # admitted: alone, the floor needs 1 unit of its 3.5
+            wait_for(server, lambda s: s["load"]["waiting"] == 1)
+            model.advance_clock.remote(3.0 * U / 1000).result()  # by its turn 0.5 units are left: the floor is late
+            model.pause_engine.remote(False).result()
+            status, body, headers = late.result()
+    finally:
+        model.pause_engine.remote(False).result()
+        model.advance_clock.remote(-3.0 * U / 1000).result()
+    assert status == 429 and body["error"]["code"] == "deadline_exceeded", body
+    assert int(headers["retry-after"]) >= 500  # the floor would end 0.5 units (500 s) after the deadline
+    state = info(server)
+    assert state["joined"] == before and state["refused_deadline"] == refused + 1  # never computed
+    # the queue is empty again: the next request runs at full budget at once (no state survives the refusal)
+    status, body, _ = ask(server["url"])
+    assert status == 200 and body["adallava"]["budget"] == 1.0
+
+
+def test_the_replica_reports_its_capacity_at_full_budget_to_the_autoscaler(server):
+    stats = server["model"].record_autoscaling_stats.remote().result()
+    # 1000 / (overhead 0 + prefill 1 unit + (2 - 1) * step 1 unit / 2 rows), at policy.target_utilization 0.8
+    assert stats["capacity_rps"] == pytest.approx(0.8 * 1000 / (1.5 * U))
+    assert set(stats) == {"offered_rps", "capacity_rps"}
+
