@@ -31,7 +31,9 @@ class ServeConfig:
     initial_replicas: int | None = None
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
-    look_back_period_s: float = 5.0
+    # window of the offered-demand rate the autoscaler reads; Ray needs it above the replicas' metric push interval
+    # (RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s by default), or it warns and averages one sample
+    look_back_period_s: float = 12.0
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
     load_report_interval_s: float = 0.1  # replicas <-> load board; budgets react within a few of these
