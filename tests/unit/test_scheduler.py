@@ -149,3 +149,47 @@ def test_scheduler_heads_have_one_logit_per_layer_or_per_switch():
 def test_an_empty_batch_gets_an_empty_plan():
     plan = sample_layer_plan(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 5.0, stochastic=False)
     assert plan.shape == (0, 4)
+
+
+def test_an_empty_batch_of_a_model_without_schedulable_layers_gets_an_empty_plan():
+    """No request and no schedulable layer: no pick is attempted (a pick over zero layers would be an error)."""
+    for stochastic in (False, True):
+        plan = sample_layer_plan(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), 5.0, stochastic=stochastic)
+        assert plan.shape == (0, 0)
+
+
+def test_gumbel_noise_is_standard_gumbel_and_finite_at_the_ends_of_rand(monkeypatch):
+    """-log(-log(u)), u ~ U(0, 1): mean = Euler's constant, std = pi/sqrt(6) (200k draws: 5 standard errors <= 0.015).
+    u is clamped to [1e-20, 1 - 1e-7], so the noise stays finite where rand returns exactly 0 (or 1)."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    noise = _gumbel(torch.zeros(200_000), g)
+    assert noise.dtype == torch.float32 and noise.shape == (200_000,)
+    assert abs(float(noise.mean()) - 0.5772157) < 0.015
+    assert abs(float(noise.std()) - math.pi / math.sqrt(6)) < 0.015
+    double = _gumbel(torch.zeros(3, 2, dtype=torch.float64), None)
+    assert double.dtype == torch.float64 and double.shape == (3, 2)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape, dtype=torch.float64))
+    assert _gumbel(torch.zeros(2), None).tolist() == pytest.approx([-math.log(-math.log(1e-20))] * 2, rel=1e-12)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=torch.float64))
+    assert _gumbel(torch.zeros(2), None).tolist() == pytest.approx([-math.log(-math.log(1 - 1e-7))] * 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_a_bfloat16_scheduler_samples_from_float32_logits_and_returns_its_own_dtype(granularity):
+    """The logits are computed in float32 whatever the model's dtype (top-k and Gumbel noise on bf16 logits would tie
+    and round); the plan comes back in the hidden state's dtype, with the same picks as float32 logits give."""
+    torch.manual_seed(0)
+    sched = Scheduler(16, 4, 4, granularity).to(torch.bfloat16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    k = torch.tensor([0, 2, 4])
+    plan, z = sched(x, k, group_size=2, tau=5.0, stochastic=False)
+    assert z.dtype == torch.float32 and plan.dtype == torch.bfloat16
+    expected = sched.mlp_head(x).float()
+    torch.testing.assert_close(z, expected if granularity == "layer" else expected.view(-1, 4, 2, 4), rtol=0, atol=0)
+    if granularity == "layer":
+        ref = sample_layer_plan(expected, k, 5.0, False)[:, :, None, None].expand(-1, -1, 2, 4)
+    else:
+        ref = sample_head_plan(expected.view(-1, 4, 2, 4), k, 2, 5.0, False)
+    assert torch.equal(plan.float(), ref)
