@@ -193,3 +193,15 @@ def test_a_bfloat16_scheduler_samples_from_float32_logits_and_returns_its_own_dt
     else:
         ref = sample_head_plan(expected.view(-1, 4, 2, 4), k, 2, 5.0, False)
     assert torch.equal(plan.float(), ref)
+
+
+def test_inference_plans_are_hard_and_carry_no_gradient():
+    """stochastic=False (inference): the plain top-k 0/1 plan, with no straight-through path back to the logits."""
+    logits = torch.randn(2, 4, requires_grad=True)
+    layer = sample_layer_plan(logits, torch.tensor([1, 3]), 5.0, stochastic=False)
+    assert not layer.requires_grad and layer.sum(-1).tolist() == [1.0, 3.0]
+    head_logits = torch.randn(2, 3, 2, 4, requires_grad=True)
+    head = sample_head_plan(head_logits, torch.tensor([1, 2]), 2, 5.0, stochastic=False)
+    assert not head.requires_grad and head.sum((1, 2, 3)).tolist() == [4.0, 8.0]
+    # the same draws in training mode do carry it
+    assert sample_layer_plan(logits, torch.tensor([1, 3]), 5.0, stochastic=True).requires_grad
