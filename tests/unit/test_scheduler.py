@@ -137,8 +137,12 @@ def test_latency_encoder_is_sinusoid_layernorm_linear_gelu_linear():
     e = torch.cat([v.sin(), v.cos()], -1)
     ln, l1, l2 = enc.net[0], enc.net[1], enc.net[3]
     expected = l2(F.gelu(l1(F.layer_norm(e, (256,), ln.weight, ln.bias, ln.eps))))
-    torch.testing.assert_close(enc(q), expected)
+    torch.testing.assert_close(enc(q), expected, rtol=0, atol=0)  # the same float32 ops: bit for bit
     assert enc.embed_dim == 256 and len(enc.net) == 4
+    # a bf16 encoder takes the float32 sinusoid cast to its own dtype and answers in it
+    half = enc.to(torch.bfloat16)
+    assert half(q).dtype == torch.bfloat16
+    torch.testing.assert_close(half(q), half.net(e.to(torch.bfloat16)), rtol=0, atol=0)
 
 
 def test_scheduler_heads_have_one_logit_per_layer_or_per_switch():
@@ -205,3 +209,22 @@ def test_inference_plans_are_hard_and_carry_no_gradient():
     assert not head.requires_grad and head.sum((1, 2, 3)).tolist() == [4.0, 8.0]
     # the same draws in training mode do carry it
     assert sample_layer_plan(logits, torch.tensor([1, 3]), 5.0, stochastic=True).requires_grad
+
+
+def test_head_sampler_straight_through_is_the_softmax_over_the_layers_heads():
+    """AdaLLaVA-H, one layer, one unit: the layer pick is certain (its softmax sums to 1, so no gradient flows through
+    it) and the unit's heads and MLP groups are the Gumbel-top-2 of each switch type, with the gradient of
+    softmax((logits + g2) / tau) over that type's switches; g1, g2 replayed from the same generator."""
+    tau, H = 2.0, 4
+    logits = torch.tensor([[[[0.5, -1.0, 2.0, 0.0], [1.0, 0.3, -0.5, 0.8]]]], requires_grad=True)  # [1, 1, 2, 4]
+    plan = sample_head_plan(logits, torch.tensor([1]), 2, tau, True, torch.Generator().manual_seed(3))
+    w = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 2.0, 0.0, 1.5]])
+    (plan[0, 0] * w).sum().backward()
+    g = torch.Generator().manual_seed(3)
+    _gumbel(logits.detach().reshape(1, -1), g)  # the layer pick's noise
+    z2 = logits.detach()[0, 0] + _gumbel(torch.zeros(1, 2, H), g)[0]
+    top = torch.zeros(2, H).scatter_(-1, z2.topk(2, -1).indices, 1.0)
+    assert torch.equal(plan.detach()[0, 0], top)
+    s = (z2 / tau).softmax(-1)
+    expected = s * (w - (w * s).sum(-1, keepdim=True)) / tau
+    torch.testing.assert_close(logits.grad[0, 0], expected, rtol=1e-5, atol=1e-6)
