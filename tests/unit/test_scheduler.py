@@ -139,6 +139,8 @@ def test_latency_encoder_is_sinusoid_layernorm_linear_gelu_linear():
     expected = l2(F.gelu(l1(F.layer_norm(e, (256,), ln.weight, ln.bias, ln.eps))))
     torch.testing.assert_close(enc(q), expected, rtol=0, atol=0)  # the same float32 ops: bit for bit
     assert enc.embed_dim == 256 and len(enc.net) == 4
+    default = LatencyEncoder(hidden_size=32)  # spec 1.3: a 256-d sinusoid unless told otherwise
+    assert default.embed_dim == 256 and default.net[0].normalized_shape == (256,) and default(q).shape == (3, 32)
     # a bf16 encoder takes the float32 sinusoid cast to its own dtype and answers in it
     half = enc.to(torch.bfloat16)
     assert half(q).dtype == torch.bfloat16
