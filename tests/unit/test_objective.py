@@ -139,6 +139,7 @@ def test_latency_term_is_the_plan_cost_above_the_budget(tiny_head, monkeypatch, 
     finally:
         model.eval()
     assert parts["latency"] == pytest.approx(expected, abs=2e-3)
+    assert loss.dtype == torch.float32  # the float64 budgets are cast to the plan's dtype, not the loss to float64
     assert parts["loss"] == pytest.approx(parts["lm"] + 0.5 * parts["latency"], rel=1e-6)
     grad = model.scheduler.mlp_head.weight.grad
     lm_only = None
@@ -260,6 +261,9 @@ def test_a_batch_with_one_labelled_token_gives_that_tokens_loss(tiny):
     try:
         loss, parts = adaptive_loss(model, inputs, LossWeights(), generator=torch.Generator().manual_seed(2))
         b, out = _same_draws(model, inputs, 2)
+        _, with_kl = adaptive_loss(model, inputs, LossWeights(distill=1.0), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            teacher = model(**inputs, budget=1.0)
     finally:
         model.eval()
     ce, n = per_sample_ce(out.logits, out.labels)
@@ -267,3 +271,9 @@ def test_a_batch_with_one_labelled_token_gives_that_tokens_loss(tiny):
     torch.testing.assert_close(loss, ce[1])
     torch.testing.assert_close(loss, out.loss)
     assert parts["mean_budget"] == pytest.approx(float(b.mean()))
+    # the distillation term is a mean over the labelled tokens too: here the KL at that one token
+    t_pos = int((out.labels[1, 1:] != -100).nonzero())  # the logits predicting it
+    p = torch.log_softmax(teacher.logits[1, t_pos].float(), -1)
+    q = torch.log_softmax(out.logits[1, t_pos].detach().float(), -1)
+    kl = float((p.exp() * (p - q)).sum())
+    assert kl > 1e-3 and with_kl["distill"] == pytest.approx(kl, rel=1e-4)
