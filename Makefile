@@ -43,8 +43,10 @@ test: venv browser
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml; equivalent mutants in
 # tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective and the Serve policy, each run
 # against the fast unit tests that cover it. Long on 2 cores: run it in the background; `mutmut browse` shows a
-# mutant's diff. Results stay in mutants/ and a rerun tests only what changed. Modeling's plan/cache paths:
-# MUTATE_MODELING, with tests/unit/test_modeling*.py added to pytest_add_cli_args_test_selection (much slower).
+# mutant's diff. Results stay in mutants/; a run given names (as here) re-tests every mutant they match, and
+# `mutmut run <mutant name>` re-tests one. Modeling's plan/cache paths: MUTATE_MODELING, with tests/unit/test_modeling*.py
+# added to pytest_add_cli_args_test_selection (much slower); mutmut resets every stored result when the selection
+# changes, so keep the score table of one selection before switching to the other.
 MUTATE := 'adallava.budget.*' 'adallava.scheduler.*' 'adallava.objective.*' 'serve.policy.*'
 MUTATE_MODELING := 'adallava.modeling.x__rows*' 'adallava.modeling.x__full_weights*' \
 	'adallava.modeling.x__sliced_weights*' 'adallava.modeling.*ǁ_groups_for_layer*' 'adallava.modeling.*ǁ_run_layer*' \
