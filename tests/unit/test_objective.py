@@ -1,5 +1,7 @@
 """The training objective's knobs: paper defaults reproduce the plain loss; each term does what it says."""
 
+import re
+
 import pytest
 import torch
 
@@ -211,7 +213,7 @@ def test_loss_weights_edges_are_valid_and_beyond_them_is_an_error_naming_the_kno
                        (dict(budget_beta=0.0), "budget_alpha and budget_beta must be > 0"),
                        (dict(budget_alpha=-1.0, budget_beta=2.0), "budget_alpha and budget_beta must be > 0"),
                        (dict(distill_temperature=0.0), "distill_temperature must be > 0")]:  # fmt: skip
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=f"^{re.escape(match)}$"):  # the whole message, nothing around it
             LossWeights(**bad)
     assert not LossWeights(gamma=0.5).is_paper_default
 
