@@ -64,7 +64,8 @@ def test_serve_from_a_registry_alias_answers_the_openai_client(registered, tmp_p
         cwd=ROOT, env=registered["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        for _ in range(180):  # the app is up when /health answers 200 (Ray + Serve + the replica's profile first)
+        # up when /health answers 200 (Ray + Serve + the replica's profile first): bounded polls, not a clock
+        for _ in range(600):
             if proc.poll() is not None:
                 pytest.fail(f"python -m serve exited {proc.returncode}: {(tmp_path / 'serve.log').read_text()[-3000:]}")
             try:
@@ -74,8 +75,10 @@ def test_serve_from_a_registry_alias_answers_the_openai_client(registered, tmp_p
                 pass
             time.sleep(1)
         else:
-            pytest.fail(f"no healthy server after 180 s: {(tmp_path / 'serve.log').read_text()[-3000:]}")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+            pytest.fail(f"no healthy server after 600 polls: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+        # no read deadline: the answer ends the wait (a slow machine takes longer, it does not fail)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                        timeout=httpx.Timeout(None))
         assert [m.id for m in client.models.list().data] == ["adallava"]
         r = client.chat.completions.create(model="adallava", max_tokens=4, extra_body={"budget": 0.75},
                                            messages=[{"role": "user", "content": "What colour is the circle?"}])  # fmt: skip
@@ -102,6 +105,6 @@ def test_serve_from_a_registry_alias_answers_the_openai_client(registered, tmp_p
 @pytest.mark.parametrize("uri", ["models:/adallava/7", "models:/adallava@staging", "models:/other/1"])
 def test_a_registry_uri_that_names_nothing_is_an_error_naming_it(registered, uri):
     done = subprocess.run([sys.executable, "-m", "serve", "--model", uri, "--port", str(_free_port())], cwd=ROOT,
-                          env=registered["env"], capture_output=True, text=True, timeout=300)  # fmt: skip
+                          env=registered["env"], capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"error: {uri}: " in done.stderr and "Traceback" not in done.stderr

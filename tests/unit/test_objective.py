@@ -1,5 +1,7 @@
 """The training objective's knobs: paper defaults reproduce the plain loss; each term does what it says."""
 
+import re
+
 import pytest
 import torch
 
@@ -131,7 +133,7 @@ def test_latency_term_is_the_plan_cost_above_the_budget(tiny_head, monkeypatch, 
     model.train()
     model.zero_grad()
     try:
-        loss, parts = adaptive_loss(model, inputs, LossWeights(latency=3.0), generator=torch.Generator().manual_seed(7))
+        loss, parts = adaptive_loss(model, inputs, LossWeights(latency=0.5), generator=torch.Generator().manual_seed(7))
         b, out = _same_draws(model, inputs, 7)
         # the cost of a sampled plan is its budget: every unit costs the same share of a layer
         torch.testing.assert_close(real(model.config, out.plan).double(), b, rtol=0, atol=2e-3)
@@ -139,7 +141,8 @@ def test_latency_term_is_the_plan_cost_above_the_budget(tiny_head, monkeypatch, 
     finally:
         model.eval()
     assert parts["latency"] == pytest.approx(expected, abs=2e-3)
-    assert parts["loss"] == pytest.approx(parts["lm"] + 3.0 * parts["latency"], rel=1e-6)
+    assert loss.dtype == torch.float32  # the float64 budgets are cast to the plan's dtype, not the loss to float64
+    assert parts["loss"] == pytest.approx(parts["lm"] + 0.5 * parts["latency"], rel=1e-6)
     grad = model.scheduler.mlp_head.weight.grad
     lm_only = None
     model.train()
@@ -200,3 +203,79 @@ def test_switch_costs_use_the_models_own_head_dim():
     torch.testing.assert_close(costs(head_dim=None), expected(32), **exact)
     # 346 neurons in 4 groups: the first two hold one extra (87, 87, 86, 86)
     torch.testing.assert_close(costs(inter=346), expected(32, (87, 87, 86, 86)), **exact)
+
+
+def test_loss_weights_edges_are_valid_and_beyond_them_is_an_error_naming_the_knob():
+    LossWeights(distill=0.0, latency=0.0, budget_alpha=1e-9, budget_beta=1e-9, distill_temperature=1e-9)
+    for bad, match in [(dict(latency=-0.1), "latency weight must be >= 0, got -0.1"),
+                       (dict(distill=-0.1), "distill weight must be >= 0, got -0.1"),
+                       (dict(budget_alpha=0.0), "budget_alpha and budget_beta must be > 0"),
+                       (dict(budget_beta=0.0), "budget_alpha and budget_beta must be > 0"),
+                       (dict(budget_alpha=-1.0, budget_beta=2.0), "budget_alpha and budget_beta must be > 0"),
+                       (dict(distill_temperature=0.0), "distill_temperature must be > 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{re.escape(match)}$"):  # the whole message, nothing around it
+            LossWeights(**bad)
+    assert not LossWeights(gamma=0.5).is_paper_default
+
+
+def test_sampled_budgets_are_float64_steps_of_the_grid(tiny):
+    """uniform: the paper's sampler with the same generator; beta: the draw on [0, 1] mapped onto the grid's steps,
+    so a Beta piled at 1 gives budget 1.0 and one piled at 0 gives the lowest budget P/L."""
+    cfg = tiny[0].config
+    grid = budget_mod.budget_grid(cfg)
+    uniform = sample_budgets(cfg, 50, LossWeights(), torch.Generator().manual_seed(3))
+    assert uniform.dtype == torch.float64
+    assert torch.equal(uniform, budget_mod.sample_training_budgets(50, cfg, torch.Generator().manual_seed(3)))
+    torch.manual_seed(0)
+    top = sample_budgets(cfg, 200, LossWeights(budget_dist="beta", budget_alpha=50.0, budget_beta=0.01))
+    bottom = sample_budgets(cfg, 200, LossWeights(budget_dist="beta", budget_alpha=0.01, budget_beta=50.0))
+    assert top.dtype == bottom.dtype == torch.float64
+    assert top.tolist() == [1.0] * 200 and bottom.tolist() == [grid[0]] * 200 and grid[0] == 0.5
+    # Beta(1, 1) is uniform on [0, 1]; rounding x * (n - 1) gives the two end steps half the others' share
+    mid = sample_budgets(cfg, 20000, LossWeights(budget_dist="beta"))
+    share = torch.tensor([(mid == g).double().mean().item() for g in grid], dtype=torch.float64)
+    n = len(grid)
+    expected = torch.tensor([0.5 if i in (0, n - 1) else 1.0 for i in range(n)], dtype=torch.float64) / (n - 1)
+    torch.testing.assert_close(share, expected, atol=0.012, rtol=0)
+
+
+def test_per_sample_ce_of_one_labelled_token_and_of_bfloat16_logits():
+    """A sample with one labelled token: its CE is that token's (divided by 1); bf16 logits are scored in float32."""
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[-100, -100, 3, -100], [-100, 1, 2, 6]])
+    ce, n = per_sample_ce(logits, labels)
+    assert n.tolist() == [1, 3]
+    tok = lambda b, t, y: -torch.log_softmax(logits[b, t], -1)[y]  # noqa: E731  logits at t predict token t + 1
+    torch.testing.assert_close(ce, torch.stack([tok(0, 1, 3), (tok(1, 0, 1) + tok(1, 1, 2) + tok(1, 2, 6)) / 3]))
+    half = logits.to(torch.bfloat16)
+    ce16, _ = per_sample_ce(half, labels)
+    assert ce16.dtype == torch.float32
+    torch.testing.assert_close(ce16, per_sample_ce(half.float(), labels)[0], rtol=0, atol=0)
+
+
+def test_a_batch_with_one_labelled_token_gives_that_tokens_loss(tiny):
+    """The LM term is a mean over labelled tokens (as the model's own loss), also when there is only one."""
+    model, processor = tiny
+    inputs = train_batch(processor)
+    inputs["labels"][:, :] = -100
+    inputs["labels"][1, -1] = inputs["input_ids"][1, -1]
+    model.train()
+    try:
+        loss, parts = adaptive_loss(model, inputs, LossWeights(), generator=torch.Generator().manual_seed(2))
+        b, out = _same_draws(model, inputs, 2)
+        _, with_kl = adaptive_loss(model, inputs, LossWeights(distill=1.0), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            teacher = model(**inputs, budget=1.0)
+    finally:
+        model.eval()
+    ce, n = per_sample_ce(out.logits, out.labels)
+    assert n.tolist() == [0, 1, 0]
+    torch.testing.assert_close(loss, ce[1])
+    torch.testing.assert_close(loss, out.loss)
+    assert parts["mean_budget"] == pytest.approx(float(b.mean()))
+    # the distillation term is a mean over the labelled tokens too: here the KL at that one token
+    t_pos = int((out.labels[1, 1:] != -100).nonzero())  # the logits predicting it
+    p = torch.log_softmax(teacher.logits[1, t_pos].float(), -1)
+    q = torch.log_softmax(out.logits[1, t_pos].detach().float(), -1)
+    kl = float((p.exp() * (p - q)).sum())
+    assert kl > 1e-3 and with_kl["distill"] == pytest.approx(kl, rel=1e-4)

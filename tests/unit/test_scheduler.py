@@ -137,8 +137,14 @@ def test_latency_encoder_is_sinusoid_layernorm_linear_gelu_linear():
     e = torch.cat([v.sin(), v.cos()], -1)
     ln, l1, l2 = enc.net[0], enc.net[1], enc.net[3]
     expected = l2(F.gelu(l1(F.layer_norm(e, (256,), ln.weight, ln.bias, ln.eps))))
-    torch.testing.assert_close(enc(q), expected)
+    torch.testing.assert_close(enc(q), expected, rtol=0, atol=0)  # the same float32 ops: bit for bit
     assert enc.embed_dim == 256 and len(enc.net) == 4
+    default = LatencyEncoder(hidden_size=32)  # spec 1.3: a 256-d sinusoid unless told otherwise
+    assert default.embed_dim == 256 and default.net[0].normalized_shape == (256,) and default(q).shape == (3, 32)
+    # a bf16 encoder takes the float32 sinusoid cast to its own dtype and answers in it
+    half = enc.to(torch.bfloat16)
+    assert half(q).dtype == torch.bfloat16
+    torch.testing.assert_close(half(q), half.net(e.to(torch.bfloat16)), rtol=0, atol=0)
 
 
 def test_scheduler_heads_have_one_logit_per_layer_or_per_switch():
@@ -149,3 +155,78 @@ def test_scheduler_heads_have_one_logit_per_layer_or_per_switch():
 def test_an_empty_batch_gets_an_empty_plan():
     plan = sample_layer_plan(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 5.0, stochastic=False)
     assert plan.shape == (0, 4)
+
+
+def test_an_empty_batch_of_a_model_without_schedulable_layers_gets_an_empty_plan():
+    """No request and no schedulable layer: no pick is attempted (a pick over zero layers would be an error)."""
+    for stochastic in (False, True):
+        plan = sample_layer_plan(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), 5.0, stochastic=stochastic)
+        assert plan.shape == (0, 0)
+
+
+def test_gumbel_noise_is_standard_gumbel_and_finite_at_the_ends_of_rand(monkeypatch):
+    """-log(-log(u)), u ~ U(0, 1): mean = Euler's constant, std = pi/sqrt(6) (200k draws: 5 standard errors <= 0.015).
+    u is clamped to [1e-20, 1 - 1e-7], so the noise stays finite where rand returns exactly 0 (or 1)."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    noise = _gumbel(torch.zeros(200_000), g)
+    assert noise.dtype == torch.float32 and noise.shape == (200_000,)
+    assert abs(float(noise.mean()) - 0.5772157) < 0.015
+    assert abs(float(noise.std()) - math.pi / math.sqrt(6)) < 0.015
+    double = _gumbel(torch.zeros(3, 2, dtype=torch.float64), None)
+    assert double.dtype == torch.float64 and double.shape == (3, 2)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape, dtype=torch.float64))
+    assert _gumbel(torch.zeros(2), None).tolist() == pytest.approx([-math.log(-math.log(1e-20))] * 2, rel=1e-12)
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=torch.float64))
+    assert _gumbel(torch.zeros(2), None).tolist() == pytest.approx([-math.log(-math.log(1 - 1e-7))] * 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_a_bfloat16_scheduler_samples_from_float32_logits_and_returns_its_own_dtype(granularity):
+    """The logits are computed in float32 whatever the model's dtype (top-k and Gumbel noise on bf16 logits would tie
+    and round); the plan comes back in the hidden state's dtype, with the same picks as float32 logits give."""
+    torch.manual_seed(0)
+    sched = Scheduler(16, 4, 4, granularity).to(torch.bfloat16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    k = torch.tensor([0, 2, 4])
+    plan, z = sched(x, k, group_size=2, tau=5.0, stochastic=False)
+    assert z.dtype == torch.float32 and plan.dtype == torch.bfloat16
+    expected = sched.mlp_head(x).float()
+    torch.testing.assert_close(z, expected if granularity == "layer" else expected.view(-1, 4, 2, 4), rtol=0, atol=0)
+    if granularity == "layer":
+        ref = sample_layer_plan(expected, k, 5.0, False)[:, :, None, None].expand(-1, -1, 2, 4)
+    else:
+        ref = sample_head_plan(expected.view(-1, 4, 2, 4), k, 2, 5.0, False)
+    assert torch.equal(plan.float(), ref)
+
+
+def test_inference_plans_are_hard_and_carry_no_gradient():
+    """stochastic=False (inference): the plain top-k 0/1 plan, with no straight-through path back to the logits."""
+    logits = torch.randn(2, 4, requires_grad=True)
+    layer = sample_layer_plan(logits, torch.tensor([1, 3]), 5.0, stochastic=False)
+    assert not layer.requires_grad and layer.sum(-1).tolist() == [1.0, 3.0]
+    head_logits = torch.randn(2, 3, 2, 4, requires_grad=True)
+    head = sample_head_plan(head_logits, torch.tensor([1, 2]), 2, 5.0, stochastic=False)
+    assert not head.requires_grad and head.sum((1, 2, 3)).tolist() == [4.0, 8.0]
+    # the same draws in training mode do carry it
+    assert sample_layer_plan(logits, torch.tensor([1, 3]), 5.0, stochastic=True).requires_grad
+
+
+def test_head_sampler_straight_through_is_the_softmax_over_the_layers_heads():
+    """AdaLLaVA-H, one layer, one unit: the layer pick is certain (its softmax sums to 1, so no gradient flows through
+    it) and the unit's heads and MLP groups are the Gumbel-top-2 of each switch type, with the gradient of
+    softmax((logits + g2) / tau) over that type's switches; g1, g2 replayed from the same generator."""
+    tau, H = 2.0, 4
+    logits = torch.tensor([[[[0.5, -1.0, 2.0, 0.0], [1.0, 0.3, -0.5, 0.8]]]], requires_grad=True)  # [1, 1, 2, 4]
+    plan = sample_head_plan(logits, torch.tensor([1]), 2, tau, True, torch.Generator().manual_seed(3))
+    w = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 2.0, 0.0, 1.5]])
+    (plan[0, 0] * w).sum().backward()
+    g = torch.Generator().manual_seed(3)
+    _gumbel(logits.detach().reshape(1, -1), g)  # the layer pick's noise
+    z2 = logits.detach()[0, 0] + _gumbel(torch.zeros(1, 2, H), g)[0]
+    top = torch.zeros(2, H).scatter_(-1, z2.topk(2, -1).indices, 1.0)
+    assert torch.equal(plan.detach()[0, 0], top)
+    s = (z2 / tau).softmax(-1)
+    expected = s * (w - (w * s).sum(-1, keepdim=True)) / tau
+    torch.testing.assert_close(logits.grad[0, 0], expected, rtol=1e-5, atol=1e-6)
