@@ -33,12 +33,28 @@ def init_ray(address: str | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # The dashboard stays on: without it Train V2 prints a state-API error every second.
-        ray.init(
-            address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=True,
-            configure_logging=True, logging_level="warning",
-        )  # fmt: skip
+        start_local_ray(configure_logging=True, logging_level="warning")
     return True
+
+
+def start_local_ray(**kwargs):
+    """A new local Ray cluster on 127.0.0.1 with its dashboard (without it Train V2 prints a state-API error every
+    second), on a free port that this process and every process of the cluster know as RAY_API_SERVER_ADDRESS.
+    Ray Train's state-API calls made inside the cluster (its PlacementGroupCleaner asks whether the controller is
+    alive) otherwise look for "the" cluster among the machine's processes and fail with "Found multiple active Ray
+    instances" when another Ray runs on the same machine (another job, a test run): the cleaner's thread dies and
+    the placement groups of stopped trials leak, so the next training waits forever for CPUs."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # set before ray.init: the raylet and the workers it starts inherit this process's environment
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                    include_dashboard=True, dashboard_port=port, **kwargs)  # fmt: skip
 
 
 def mlflow_experiment(uri: str | None, name: str) -> str:

@@ -164,3 +164,24 @@ def test_rerunning_with_the_same_name_resumes_from_the_latest_checkpoint(base_ru
     assert (state["step"], state["micro_batch"], state["samples"]) == (6, 6, 48)
     assert out.final_checkpoint.parent == base_run.final_checkpoint.parent
     assert [s for s, _ in _metrics(str(work / "mlflow.db"), out.mlflow_run_id, "loss")] == [5, 6]
+
+
+def test_the_cluster_knows_its_own_state_api_whatever_else_runs_here(ray_cluster):
+    """Ray Train's PlacementGroupCleaner (inside the cluster) asks the state API whether the controller is alive; with
+    no address it scans the machine for "the" cluster and dies on "Found multiple active Ray instances" when another
+    Ray runs here, leaking the placement groups of stopped trials. start_local_ray names its own dashboard instead."""
+    import os
+
+    import ray
+    from ray._private.worker import _global_node
+    from ray.util.state import list_actors
+
+    address = os.environ["RAY_API_SERVER_ADDRESS"]
+    assert address == "http://" + _global_node.webui_url  # this cluster's dashboard, not another one's
+
+    @ray.remote(num_cpus=0)
+    def seen_inside():  # what Train's own actors see: the raylet's workers inherit the address
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), len(list_actors(filters=[("state", "=", "ALIVE")]))
+
+    inside, n_alive = ray.get(seen_inside.remote())
+    assert inside == address and n_alive == len(list_actors(filters=[("state", "=", "ALIVE")]))
