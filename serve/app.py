@@ -12,8 +12,9 @@ serve/ is one file per role:
 
 Bounds (no unbounded queue): a model replica takes at most max_batch_size + max_queued_requests requests (the
 ingress's exact count; Serve's max_ongoing_requests is that + 2 for control calls), the ingress's handle queues at
-most max_queued_requests more (Serve's max_queued_requests; BackPressureError -> 429), and the Ingress deployment has
-its own max_ongoing/max_queued bound, answered by Serve's proxy with 429 + Retry-After (BackpressureConfig).
+most max_replicas times that (Serve's max_queued_requests, no more than the ingress can have admitted;
+BackPressureError -> 429), and the Ingress deployment has its own max_ongoing/max_queued bound, answered by Serve's
+proxy with 429 + Retry-After (BackpressureConfig).
 
 `serve run serve/configs/tiny.yaml` and `serve run serve.app:build_app` import `build_app` from here.
 """
@@ -39,12 +40,18 @@ def build_app(args: dict | ServeConfig | None = None):
         "policy": {"policy_function": "serve.autoscaling:offered_demand_policy"},
     }  # fmt: skip
     per_replica = cfg.max_batch_size + cfg.max_queued_requests
+    # The handle's queue holds requests the router has not yet handed to a replica, and every request passes through
+    # it, even when a replica has room: a burst of admitted requests arriving together sits there while the router
+    # probes the replicas. Sized to the most the ingress ever admits, it bounds the queue without refusing a request
+    # that the ingress's exact count (the real bound) let through (seen: a burst of 4 with room for 4, and 2 here, lost
+    # one to back-pressure on a busy machine).
+    handle_queue = cfg.max_replicas * per_replica
     shed = BackpressureConfig(status_code=429, retry_after_s=1)
     model = AdaLlavaModel.options(
         # + 2: room for the info()/ping() control calls, which Serve counts too (the ingress's exact count keeps the
         # chat requests themselves to per_replica)
         autoscaling_config=autoscaling, max_ongoing_requests=per_replica + 2,
-        max_queued_requests=cfg.max_queued_requests, backpressure_config=shed,
+        max_queued_requests=handle_queue, backpressure_config=shed,
         ray_actor_options={"num_cpus": cfg.num_cpus}, health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
         deployment_actors=[DeploymentActorConfig(name="load_board", actor_class=LoadBoard,

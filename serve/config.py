@@ -22,8 +22,8 @@ class ServeConfig:
     torch_threads: int = 1  # one core per replica on small CPU machines; raise on bigger ones
     num_cpus: float = 1.0  # Ray resources per model replica
     # bounded queues: a model replica holds at most max_batch_size running + max_queued_requests waiting (Serve's
-    # max_ongoing_requests), the ingress sends at most replicas * that, and Serve's max_queued_requests bounds what waits
-    # at the ingress's handle; beyond any bound: 429 + Retry-After (code "overloaded"), never an unbounded queue
+    # max_ongoing_requests), the ingress sends at most replicas * that, and Serve's max_queued_requests (max_replicas *
+    # that) bounds what waits at the ingress's handle; beyond any bound: 429 + Retry-After (code "overloaded")
     max_queued_requests: int = 8
     # autoscaling on offered demand, refusals included, sized for the ceiling budget (serve/autoscaling.py)
     min_replicas: int = 1

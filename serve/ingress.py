@@ -16,7 +16,8 @@ and before any image is decoded or any model replica is touched:
      the replicas, the replica profile from info() and the contention factor piggybacked on responses (no
      per-request actor call); a request whose deadline even the floor cannot meet gets 429 "overloaded" +
      Retry-After at once, its image never decoded.
-The handle's own bound (the model deployment's max_queued_requests) raises BackPressureError: 429 "overloaded" too.
+The handle's own bound (the model deployment's max_queued_requests, max_replicas * (max_batch_size +
+max_queued_requests): never below what this count admits) raises BackPressureError: 429 "overloaded" too.
 Every request counts in `offered` (admitted or refused), stamped on each job for the autoscaler.
 """
 

@@ -95,8 +95,8 @@ def test_a_burst_lowers_budgets_before_any_429_and_past_the_bound_429_comes_from
     model = server["model"]
     before = info(server)["joined"]
     model.pause_engine.remote(True).result()
-    try:
-        with cf.ThreadPoolExecutor(4) as ex:
+    with cf.ThreadPoolExecutor(4) as ex:
+        try:  # inside the executor: a failure releases the engine before the executor waits for the burst
             burst = [ex.submit(ask, server["url"]) for _ in range(4)]
             wait_for(server, lambda s: s["load"]["waiting"] == 4)
             status, body, headers = ask(server["url"])
@@ -106,8 +106,8 @@ def test_a_burst_lowers_budgets_before_any_429_and_past_the_bound_429_comes_from
             assert state["load"]["waiting"] == 4 and state["joined"] == before  # nothing reached the engine
             model.pause_engine.remote(False).result()
             results = [f.result() for f in burst]
-    finally:
-        model.pause_engine.remote(False).result()
+        finally:
+            model.pause_engine.remote(False).result()
     assert [s for s, _, _ in results] == [200] * 4, results
     assert sorted(b["adallava"]["budget"] for _, b, _ in results) == [0.5, 0.75, 1.0, 1.0]
     assert info(server)["joined"] == before + 4
@@ -118,16 +118,19 @@ def test_an_expired_request_is_refused_at_its_turn_not_computed(server):
     state = info(server)
     before, refused = state["joined"], state["refused_deadline"]
     model.pause_engine.remote(True).result()
-    try:
-        with cf.ThreadPoolExecutor(1) as ex:
+    moved = False
+    with cf.ThreadPoolExecutor(1) as ex:
+        try:  # inside the executor: a failure releases the engine before the executor waits for the request
             late = ex.submit(ask, server["url"])  # admitted: alone, the floor needs 1 unit of its 3.5
             wait_for(server, lambda s: s["load"]["waiting"] == 1)
             model.advance_clock.remote(3.0 * U / 1000).result()  # by its turn 0.5 units are left: the floor is late
+            moved = True
             model.pause_engine.remote(False).result()
             status, body, headers = late.result()
-    finally:
-        model.pause_engine.remote(False).result()
-        model.advance_clock.remote(-3.0 * U / 1000).result()
+        finally:
+            model.pause_engine.remote(False).result()
+            if moved:
+                model.advance_clock.remote(-3.0 * U / 1000).result()
     assert status == 429 and body["error"]["code"] == "deadline_exceeded", body
     assert int(headers["retry-after"]) >= 500  # the floor would end 0.5 units (500 s) after the deadline
     state = info(server)

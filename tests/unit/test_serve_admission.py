@@ -154,6 +154,21 @@ def test_the_bound_grows_with_the_replicas_the_responses_report():
     run(main())
 
 
+def test_every_serve_queue_is_bounded_and_the_handle_never_refuses_what_the_ingress_admitted():
+    """Serve's own bounds as build_app sets them. Every request waits in the ingress's handle queue while Serve's
+    router picks a replica, even when one has room, so a handle bound below what the ingress admits refused part of a
+    burst on a busy machine (a burst of 4 with room for 4 lost one): the handle holds max_replicas x (B + Q)."""
+    from serve.app import build_app
+
+    app = build_app({"model_name": "m", "max_batch_size": 2, "max_queued_requests": 3, "max_replicas": 3})
+    ingress = app._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert model.name == "AdaLlavaModel" and ingress.name == "Ingress"
+    assert model.max_ongoing_requests == 2 + 3 + 2  # B + Q, + 2 for the info()/ping() control calls
+    assert model.max_queued_requests == 3 * (2 + 3)
+    assert ingress.max_ongoing_requests == ingress.max_queued_requests == 2 * 3 * (2 + 3) + 16
+
+
 def test_a_latency_target_below_what_the_model_reaches_is_a_400_naming_the_range():
     async def main():
         backend = HeldBackend()
