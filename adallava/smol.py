@@ -28,6 +28,7 @@ under cache_dir (default ~/.cache/adallava/smol), so the slow GGUF load happens 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -104,8 +105,19 @@ def load_gguf_llama(dtype=None):
 
     path = gguf_path()
     _require_converters()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
+    # transformers' GGUF reader draws a raw tqdm bar (HF_HUB_DISABLE_PROGRESS_BARS does not reach it): in a log file
+    # or a Ray worker's output that is carriage returns and repeated bars, so it draws only on a terminal
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=None)  # disable=None: off when the output is not a TTY
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     return model.eval(), tokenizer
 
 
