@@ -60,7 +60,7 @@ def test_training_budgets_are_uniform_over_the_grid():
     assert counts.min() > 850 and counts.max() < 1150  # 1000 expected per step
 
 
-@pytest.mark.parametrize("bad", [0.3, 1.2, -1.0, float("nan"), "0.7", None, [0.6, float("nan")], True])
+@pytest.mark.parametrize("bad", [0.3, 1.2, -1.0, float("nan"), "0.7", None, [0.6, float("nan")], True, [0.6, "x"], {0.6}])
 def test_bad_budgets_raise_naming_the_range(bad):
     cfg = vicuna7b_config("layer")
     with pytest.raises(ValueError, match=r"\[0\.5, 1\]"):
@@ -96,3 +96,62 @@ def test_config_defaults_and_errors():
     with pytest.raises(ValueError, match="group_size"):
         AdaLlavaConfig(text_config=text, granularity="head", group_size=3)
     assert math.isclose(budget.budget_range(cfg)[0], 0.5)
+
+
+@pytest.mark.parametrize("layers,heads,granularity", [(10, 4, "layer"), (32, 32, "layer"), (32, 32, "head"),
+                                                       (40, 40, "head"), (80, 64, "head"), (40, 40, "layer")])
+def test_float32_budgets_give_their_own_step(layers, heads, granularity):
+    """Every grid step n/(uL), as float32 (what a bf16/fp32 pipeline hands over), runs n - uP units."""
+    text = LlamaConfig(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       hidden_size=heads * 8, intermediate_size=64)  # fmt: skip
+    cfg = AdaLlavaConfig(text_config=text, granularity=granularity)
+    u, total = cfg.units_per_layer, cfg.units_per_layer * layers
+    steps = torch.arange(u * cfg.num_prefix_layers, total + 1)
+    b32 = (steps.double() / total).float()
+    units = budget.units_for_budget(budget.validate_budget(b32, len(steps), cfg), cfg)
+    assert units.tolist() == (steps - u * cfg.num_prefix_layers).tolist()
+
+
+def test_a_float32_budget_plans_as_its_exact_value():
+    """units_for_budget computes in float64 whatever the budget's dtype: every float32 within 40 ulps of each step's
+    tolerance edge (640 units: float32 rounding of b * uL is then comparable to the tolerance) gets the plan size of
+    its exact value."""
+    text = LlamaConfig(num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64, hidden_size=512,
+                       intermediate_size=64)  # fmt: skip
+    cfg = AdaLlavaConfig(text_config=text, granularity="head")
+    total = cfg.units_per_layer * cfg.num_layers
+    assert total == 640
+    edges = torch.tensor([(k - 1e-6 * k) / total for k in range(total // 2, total + 1)], dtype=torch.float32)
+    values = [edges]
+    up, down = edges.clone(), edges.clone()
+    for _ in range(40):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(0.0))
+        values += [up, down]
+    b32 = torch.cat(values)
+    assert budget.units_for_budget(b32, cfg).tolist() == budget.units_for_budget(b32.double(), cfg).tolist()
+
+
+def test_validated_budgets_are_float64_whatever_came_in():
+    cfg = vicuna7b_config("layer")
+    for given in (0.75, [0.6, 0.75], torch.tensor([0.6, 0.75], dtype=torch.float32), torch.tensor(0.6, dtype=torch.bfloat16)):
+        got = budget.validate_budget(given, 2, cfg)
+        assert got.dtype == torch.float64 and got.shape == (2,), given
+    assert budget.validate_budget(torch.tensor([0.7], dtype=torch.float32), 1, cfg).item() == float(torch.tensor(0.7))
+
+
+def test_budgets_at_the_tolerance_edges_are_accepted():
+    """The range is [lo, hi] widened by the same 1e-6 that floors a step (so a float32 1.0 or lo is never refused)."""
+    cfg = vicuna7b_config("layer")
+    lo, hi = budget.budget_range(cfg)
+    assert budget.validate_budget([lo - 1e-6, hi + 1e-6], 2, cfg).tolist() == [lo - 1e-6, hi + 1e-6]
+    for outside in (lo - 2e-6, hi + 2e-6):
+        with pytest.raises(ValueError, match=r"\[0\.5, 1\]"):
+            budget.validate_budget(outside, 1, cfg)
+
+
+def test_plan_sizes_stay_within_the_schedulable_units():
+    """relu at the bottom (spec 2.1) and at most every schedulable unit at the top, whatever value comes in."""
+    for granularity, most in (("layer", 16), ("head", 64)):
+        cfg = vicuna7b_config(granularity)
+        units = budget.units_for_budget(torch.tensor([0.0, 0.25, 1.0, 3.0], dtype=torch.float64), cfg)
+        assert units.tolist() == [0, 0, most, most]

@@ -1,4 +1,4 @@
-"""The smaller faithfulness items: float32 budgets on every grid step, the adaptive loss as a per-token mean, the
+"""The smaller faithfulness items (float32 budgets on every grid step: test_budget.py): the adaptive loss as a per-token mean, the
 official head group for 40-head models, and cost.py free of modeling.py."""
 
 import ast
@@ -14,20 +14,6 @@ from adallava import budget
 from adallava.config import AdaLlavaConfig
 from adallava.objective import LossWeights, adaptive_loss, sample_budgets
 from adallava.presets import build_tiny
-
-
-@pytest.mark.parametrize("layers,heads,granularity", [(10, 4, "layer"), (32, 32, "layer"), (32, 32, "head"),
-                                                       (40, 40, "head"), (80, 64, "head"), (40, 40, "layer")])
-def test_float32_budgets_give_their_own_step(layers, heads, granularity):
-    """Every grid step n/(uL), as float32 (what a bf16/fp32 pipeline hands over), runs n - uP units."""
-    text = LlamaConfig(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       hidden_size=heads * 8, intermediate_size=64)  # fmt: skip
-    cfg = AdaLlavaConfig(text_config=text, granularity=granularity)
-    u, total = cfg.units_per_layer, cfg.units_per_layer * layers
-    steps = torch.arange(u * cfg.num_prefix_layers, total + 1)
-    b32 = (steps.double() / total).float()
-    units = budget.units_for_budget(budget.validate_budget(b32, len(steps), cfg), cfg)
-    assert units.tolist() == (steps - u * cfg.num_prefix_layers).tolist()
 
 
 def test_head_group_for_40_heads_is_the_official_8():
