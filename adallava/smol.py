@@ -214,7 +214,7 @@ def base_checkpoint(cache_dir: str | os.PathLike | None = None, hf=None) -> Path
     gguf_path()  # fail fast, before any work, when the weights are not installed
     _require_converters()
     root.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # an incomplete cache (written by an older version from a rank other than 0): set it aside
+    if target.exists() and not _complete(target):  # incomplete (an older version's rank 1 wrote it): set it aside
         logger.warning(f"{target}: incomplete smol cache (no config or weights), rebuilding it")
         stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
         try:
