@@ -376,8 +376,12 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     resume_dir = None
     state = {"step": 0, "micro_batch": 0, "tokens": 0, "samples": 0}
+    # The checkpoint in place on local storage; a download (remote storage), shared by this node's workers, that Ray
+    # removes when the last of them closes `resume` (to_directory() copied it to /tmp and left the copy there: 1.6 GB
+    # per resume of the smol preset).
+    resume = contextlib.ExitStack()
     if checkpoint is not None:
-        resume_dir = Path(checkpoint.to_directory())  # a local copy (the storage may be remote)
+        resume_dir = Path(resume.enter_context(checkpoint.as_directory()))
         state = read_state(resume_dir)
     model, processor = _build_model(cfg, resume_dir)
     if cfg.freeze_vision_tower:  # spec 4: CLIP frozen; projector, LM, latency encoder and scheduler train
@@ -421,6 +425,8 @@ def train_loop(config: dict) -> None:
         set_optimizer_state_dict(model, optimizer, saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
         scheduler.load_state_dict(saved["scheduler"])
+        del saved
+    resume.close()
 
     collator = TrainCollator(processor, max_length=cfg.max_length)
     batches = micro_batch_indices(len(dataset), cfg.micro_batch_size, world, rank, cfg.data_seed, state["micro_batch"])
