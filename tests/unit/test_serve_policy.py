@@ -6,14 +6,16 @@ import asyncio
 import base64
 import io
 import math
+import re
 
 import pytest
 from PIL import Image
 
 from serve.autoscaling import OfferedRate, offered_demand_policy
 from serve.policy import (
-    LatencyProfile, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps, choose_budget,
-    decode_ms, drain_ms, edge_finish_ms, levels, predicted_step_ms, share, simulate, step_ms, update_contention,
+    EPS, Choice, LatencyProfile, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
+    choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, predicted_step_ms, prefill_ms, share, simulate, step_ms,
+    update_contention,
 )  # fmt: skip
 from serve.protocol import APIError, Limits, check_image_url, decode_data_url, host_allowed, parse_request, validate_request
 
@@ -50,6 +52,17 @@ def test_simulate_plays_the_engine_forward_by_hand():
     assert simulate(p, 0, [Slot(1.0, 2)], kappa=2.0) == [4 * U]  # contention scales engine compute
 
 
+def test_rows_leave_one_by_one_each_after_its_own_last_step():
+    p = units(B=2)
+    # both rows decode together (one unit a step) until the shorter leaves at 2; the other takes its last step alone
+    assert simulate(p, 0, [Slot(1.0, 2, running=True), Slot(1.0, 3, running=True)]) == [2 * U, 3 * U]
+
+
+def test_a_running_row_with_nothing_left_is_finished_now():
+    p = units(B=2)
+    assert simulate(p, 5, [Slot(1.0, 0, running=True), Slot(1.0, 2)]) == [5, 5 + 2 * U]
+
+
 def test_step_cost_is_a_straight_line_in_rows_and_the_mean_over_budgets():
     p = batched()
     assert decode_ms(p, 1.0, 1) == 2.8 and decode_ms(p, 1.0, 8) == 5.0 and decode_ms(p, 1.0, 20) == 5.0
@@ -57,6 +70,25 @@ def test_step_cost_is_a_straight_line_in_rows_and_the_mean_over_budgets():
     assert step_ms(p, [0.5, 1.0]) == pytest.approx((decode_ms(p, 0.5, 2) + decode_ms(p, 1.0, 2)) / 2)
     assert step_ms(p, []) == 0.0
     assert predicted_step_ms(p, [0.5, 1.0], [1.0]) == pytest.approx(2.8 + 5 + 9)
+
+
+def test_a_batch_of_one_decodes_at_the_single_row_cost():
+    """max_batch_size 1: every step has one row, whatever decode_ms_b says (there is no line from 1 to B rows)."""
+    p = LatencyProfile([0.5, 1.0], 1, [1, 2], [3, 4], [30, 40])
+    assert [decode_ms(p, b, n) for b in (0.5, 1.0) for n in (1, 2)] == [3, 3, 4, 4]
+    # the second request waits for the only row: prefill 2 + 2 steps of 4, then its prefill 2 + 1 step of 4
+    assert simulate(p, 0, [Slot(1.0, 3), Slot(1.0, 2)]) == [10, 16]
+
+
+def test_two_rows_cost_the_profiles_full_batch_step():
+    p = LatencyProfile([0.5, 1.0], 2, [1, 2], [3, 4], [5, 7])
+    assert [decode_ms(p, 1.0, n) for n in (0, 1, 2, 3)] == [4, 4, 7, 7]  # the line's two ends, clipped beyond them
+
+
+def test_a_budget_runs_as_the_highest_grid_level_not_above_it():
+    p = batched()
+    assert [p.index(b) for b in (0.3, 0.5, 0.7, 0.75 - EPS, 0.75 - 2 * EPS, 1.0, 1.2)] == [0, 0, 1, 2, 1, 4, 4]
+    assert prefill_ms(p, 0.3) == 5 and decode_ms(p, 0.3, 1) == 1.5  # below the grid: the lowest level's costs
 
 
 def test_profiles_are_checked_and_made_monotone():
@@ -76,6 +108,37 @@ def test_profiles_are_checked_and_made_monotone():
     assert LatencyProfile.from_dict(units().to_dict(), source="cache").source == "cache"
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(budgets=[]), "profile budgets must be a non-empty ascending list"),
+    (dict(max_batch_size=0), "profile.max_batch_size must be an integer >= 1, got 0"),
+    (dict(max_batch_size=2.0), "profile.max_batch_size must be an integer >= 1, got 2.0"),
+    (dict(decode_ms_1=[1, 1, -0.5, 1, 1]),
+     "profile.decode_ms_1 must hold finite values >= 0, got [1.0, 1.0, -0.5, 1.0, 1.0]"),
+    (dict(overhead_ms=-1), "profile.overhead_ms must be finite and >= 0, got -1"),
+    (dict(overhead_ms=math.inf), "profile.overhead_ms must be finite and >= 0, got inf"),
+])  # fmt: skip
+def test_a_bad_profile_is_refused_naming_the_key(kw, message):
+    table = dict(budgets=GRID, max_batch_size=8, prefill_ms=[1] * 5, decode_ms_1=[1] * 5, decode_ms_b=[1] * 5)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        LatencyProfile(**{**table, **kw})
+
+
+def test_free_compute_and_a_single_row_are_a_valid_profile():
+    p = LatencyProfile(GRID, 1, [0] * 5, [0] * 5, [0] * 5)
+    assert p.max_batch_size == 1 and p.overhead_ms == 0.0
+    assert p.prefill_ms == p.decode_ms_1 == p.decode_ms_b == [0.0] * 5
+
+
+def test_a_profile_table_may_leave_out_the_overhead_and_the_source():
+    table = {"budgets": [0.5, 1.0], "max_batch_size": 2, "prefill_ms": [1, 2], "decode_ms_1": [3, 4], "decode_ms_b": [5, 6]}
+    p = LatencyProfile.from_dict(table)
+    assert p.overhead_ms == 0.0 and p.source == "config"
+    assert LatencyProfile.from_dict({**table, "source": "measured"}).source == "measured"  # a table keeps its own
+    assert LatencyProfile.from_dict({**table, "source": "measured"}, source="cache").source == "cache"  # the caller's wins
+    with pytest.raises(ValueError, match=re.escape("missing keys ['decode_ms_b']")):
+        LatencyProfile.from_dict({k: v for k, v in table.items() if k != "decode_ms_b"})
+
+
 def test_achievable_range_and_capacity_by_hand():
     p = units(B=2, overhead=100)
     assert alone_ms(p, 0.5, 2) == 100 + 0.5 * U + 0.5 * U
@@ -83,6 +146,23 @@ def test_achievable_range_and_capacity_by_hand():
     # B = 2 rows share each step: per request overhead + prefill + (T-1) * step / B
     assert capacity_rps(p, 1.0, 3) == pytest.approx(1000 / (100 + U + 2 * U / 2))
     assert capacity_rps(p, 0.5, 3) > capacity_rps(p, 1.0, 3)
+
+
+def test_one_token_is_its_prefill_alone_without_a_decode_step():
+    p = units(B=2, overhead=100)
+    assert alone_ms(p, 1.0, 1) == 100 + U
+    assert capacity_rps(p, 1.0, 1) == 1000 / (100 + U)
+
+
+def test_alone_decodes_as_one_row_and_full_batches_as_b_rows():
+    p = batched()
+    assert alone_ms(p, 1.0, 3) == pytest.approx(3 + 9 + 2 * 2.8)
+    assert capacity_rps(p, 1.0, 3) == pytest.approx(1000 / (3 + 9 + 2 * 5.0 / 8))
+
+
+def test_capacity_of_a_free_request_is_unbounded_and_of_a_cheap_one_finite():
+    assert capacity_rps(LatencyProfile([1.0], 1, [0], [0], [0]), 1.0, 32) == math.inf
+    assert capacity_rps(LatencyProfile([1.0], 1, [0.5], [0], [0]), 1.0, 32) == 2000.0  # half a millisecond each
 
 
 # ---------------------------------------------------------------------------------------------------------- budgets at join
@@ -129,6 +209,31 @@ def test_an_expired_request_is_infeasible_at_the_floor():
     assert choose_budget(p, CFG, 5 * U, [], Slot(0, 2, 6 * U), []).feasible  # exactly in time is in time
 
 
+def test_finishing_exactly_at_the_deadline_or_within_the_tolerance_is_in_time():
+    p = units()
+    # alone at the ceiling a request of 2 tokens finishes at 2 units
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, 2 * U), []) == Choice(1.0, True, 2 * U)
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, 2 * U - EPS), []) == Choice(1.0, True, 2 * U)
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, 2 * U - 2 * EPS), []) == Choice(0.875, True, 1.75 * U)
+    # at the floor: feasible within the tolerance, refused a hair beyond it
+    assert choose_budget(p, CFG, 5 * U, [], Slot(0, 2, 6 * U - EPS), []) == Choice(0.5, True, 6 * U)
+    assert choose_budget(p, CFG, 5 * U, [], Slot(0, 2, 6 * U - 2 * EPS), []) == Choice(0.5, False, 6 * U)
+
+
+def test_one_behind_who_is_just_in_time_at_the_floor_keeps_the_budget_at_the_floor():
+    p = units(B=2)
+    # at budget b the newcomer and the one behind it both finish at 1.5 (b + 0.5): only the floor keeps it at 1.5
+    for due in (1.5 * U, 1.5 * U - EPS):
+        assert choose_budget(p, CFG, 0, [], Slot(0, 2, 10 * U), [Slot(0.5, 2, due)]) == Choice(0.5, True, 1.5 * U)
+    # a hair later than the tolerance it is late anyway, and does not hold the newcomer down
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, 10 * U), [Slot(0.5, 2, 1.5 * U - 2 * EPS)]).budget == 1.0
+
+
+def test_contention_lowers_the_budget_to_what_meets_the_deadline_at_the_slower_speed():
+    # steps twice as slow as profiled: the ceiling would take 4 units, 0.875 takes exactly the 3.5 there are
+    assert choose_budget(units(), CFG, 0, [], Slot(0, 2, 3.5 * U), [], kappa=2.0) == Choice(0.875, True, 3.5 * U)
+
+
 def test_budget_is_monotone_in_the_work_ahead_and_in_the_deadline():
     p = batched()
     cfg = PolicyConfig(slo_ms=200)
@@ -147,6 +252,13 @@ def test_floor_and_ceiling_bound_the_choice_and_caps_only_lower_it():
     assert choose_budget(p, static, 0, [], Slot(0, 2, 100 * U), [Slot(1.0, 2, 100 * U)] * 10).budget == 1.0
     assert choose_budget(p, PolicyConfig(floor=0.625, ceiling=0.875), 0, [], Slot(0, 2, None), []).budget == 0.875
     assert apply_caps(1.0, 0.6) == 0.6 and apply_caps(0.5, 0.9) == 0.5 and apply_caps(0.75) == 0.75
+
+
+def test_a_floor_or_ceiling_within_the_tolerance_of_a_level_keeps_it():
+    p = units()
+    assert levels(p, PolicyConfig(floor=0.625 + EPS, ceiling=0.875 - EPS)) == [0.625, 0.75, 0.875]
+    assert levels(p, PolicyConfig(floor=0.625 + 2 * EPS, ceiling=0.875 - 2 * EPS)) == [0.75]
+    assert levels(p, PolicyConfig(floor=0.55, ceiling=0.6)) == [0.55]  # no grid level inside: the floor itself
 
 
 # ---------------------------------------------------------------------------------------------------------- edge admission
@@ -170,6 +282,32 @@ def test_edge_admission_refuses_what_even_the_floor_cannot_make_with_retry_after
     assert admission(p, lenient, 0, due, [2] * 50, 1, 2) is None  # reject=False: only the bounds refuse
     assert edge_finish_ms(units(B=2, overhead=250), CFG, 0, [], 1, 2) == U + 250
     assert drain_ms(p, CFG, 0, [2] * 5, 1) == 0.5 * U and drain_ms(p, CFG, 0, [], 1) == 0.0
+
+
+def test_retry_after_is_the_excess_over_the_deadline_rounded_up_to_whole_seconds():
+    p = units(B=2)  # behind six requests of 2 tokens the floor finishes at 4.5 units
+    excess = (EPS, 2 * EPS, 1, 1000, 1000.5, 2000)
+    assert [admission(p, CFG, 0, 4.5 * U - e, [2] * 6, 1, 2) for e in excess] == [None, 1, 1, 1, 2, 2]
+
+
+def test_contention_scales_the_edge_prediction_but_not_the_overhead():
+    p = units(B=2)
+    assert edge_finish_ms(units(B=2, overhead=250), CFG, 0, [], 1, 2, kappa=2.0) == 2 * U + 250
+    assert drain_ms(p, CFG, 0, [2] * 5, 1, kappa=2.0) == U
+    assert admission(p, CFG, 0, 3.5 * U, [2] * 4, 1, 2) is None  # the floor finishes at 3 units
+    assert admission(p, CFG, 0, 3.5 * U, [2] * 4, 1, 2, kappa=2.0) == 3  # at 6 units: 2.5 s late
+
+
+def test_drain_is_counted_from_now():
+    assert drain_ms(units(B=2), CFG, 7 * U, [2] * 5, 1) == 0.5 * U
+
+
+def test_one_token_requests_in_flight_wait_for_a_row_but_once_running_are_done():
+    p = units(B=2)
+    # [2, 2] run (one step of 0.5 left each); the third waits, and its prefill (0.5) gives its one token; then the new one
+    assert edge_finish_ms(p, CFG, 0, [2, 2, 1], 1, 2) == 2 * U
+    # a running request of one token has it already (its prefill): the first row to free is the other one's
+    assert drain_ms(p, CFG, 0, [1, 2], 1) == 0.5 * U
 
 
 # ---------------------------------------------------------------------------------------------------------- contention
@@ -198,6 +336,16 @@ def test_the_contention_factor_is_a_bounded_median_that_ignores_non_measurements
     assert len(window) == CFG.contention_window and update_contention(window, 9.0, 1.0, CFG) == 1.0
 
 
+def test_a_zero_prediction_is_not_a_measurement():
+    window = []
+    assert update_contention(window, 5.0, 0.0, CFG) == 1.0 and window == []
+
+
+def test_the_contention_factor_is_the_middle_of_an_odd_window_and_the_mean_of_the_two_middles_of_an_even_one():
+    window = []
+    assert [update_contention(window, m, 1.0, CFG) for m in (5, 1, 4, 2, 3)] == [5, 3, 4, 3, 3]
+
+
 def test_policy_config_is_checked():
     for kw in (dict(floor=0.5 - 1e-10), dict(floor=1.0, ceiling=1.0), dict(contention_max=1.0), dict(contention_window=1),
                dict(target_utilization=1.0)):  # fmt: skip
@@ -207,6 +355,17 @@ def test_policy_config_is_checked():
                       (dict(contention_window=0), "contention_window"), (dict(target_utilization=0), "target_utilization")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             PolicyConfig(**kw).check((0.5, 1.0))
+
+
+def test_policy_config_tolerance_edges_and_smallest_settings_are_valid():
+    for kw in (dict(floor=0.5 - EPS), dict(ceiling=1.0 + EPS), dict(slo_ms=0.5, tokens=1), dict(target_utilization=0.01)):
+        cfg = PolicyConfig(**kw)
+        assert cfg.check((0.5, 1.0)) is cfg
+    for kw in (dict(floor=0.5 - 2 * EPS), dict(ceiling=1.0 + 2 * EPS)):
+        with pytest.raises(ValueError, match=re.escape("policy needs 0.5 <= floor <= ceiling <= 1")):
+            PolicyConfig(**kw).check((0.5, 1.0))
+    with pytest.raises(ValueError, match=re.escape("policy.target_utilization must be in (0, 1], got 1.5")):
+        PolicyConfig(target_utilization=1.5).check((0.5, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------- autoscaling
