@@ -222,11 +222,11 @@ def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[
     at_floor, late_floor = run(lv[0])
     if new.deadline is not None and at_floor > new.deadline + EPS:
         return Choice(lv[0], False, at_floor)
-    for b in reversed(lv):
-        fin, late = run(b) if b != lv[0] else (at_floor, late_floor)
+    for b in reversed(lv[1:]):
+        fin, late = run(b)
         if (new.deadline is None or fin <= new.deadline + EPS) and late <= late_floor:
             return Choice(b, True, fin)
-    return Choice(lv[0], True, at_floor)  # not reached: the floor itself passes both tests
+    return Choice(lv[0], True, at_floor)  # the floor meets the deadline (above) and makes nobody newly late
 
 
 def share(inflight: list[int], replicas: int) -> list[int]:

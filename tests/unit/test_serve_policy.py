@@ -220,6 +220,13 @@ def test_finishing_exactly_at_the_deadline_or_within_the_tolerance_is_in_time():
     assert choose_budget(p, CFG, 5 * U, [], Slot(0, 2, 6 * U - 2 * EPS), []) == Choice(0.5, False, 6 * U)
 
 
+def test_each_level_of_the_grid_is_chosen_when_it_is_the_highest_in_time():
+    """Alone, 2 tokens at budget b finish at 2b units: a deadline of 2b units gets exactly b, every level included
+    (the one just above the floor too), and the choice predicts that finish."""
+    for b in GRID:
+        assert choose_budget(units(), CFG, 0, [], Slot(0, 2, 2 * b * U), []) == Choice(b, True, 2 * b * U)
+
+
 def test_one_behind_who_is_just_in_time_at_the_floor_keeps_the_budget_at_the_floor():
     p = units(B=2)
     # at budget b the newcomer and the one behind it both finish at 1.5 (b + 0.5): only the floor keeps it at 1.5
