@@ -213,8 +213,8 @@ def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[
     lv = levels(p, cfg)
     me = len(ahead)
 
-    def run(b):
-        slots = [*ahead, Slot(b, new.tokens, new.deadline, False), *[Slot(lv[0], s.tokens, s.deadline) for s in behind]]
+    def run(b):  # the newcomer's own deadline is checked apart (from `new`), so its slot carries none
+        slots = [*ahead, Slot(b, new.tokens), *[Slot(lv[0], s.tokens, s.deadline) for s in behind]]
         fin = simulate(p, now, slots, kappa)
         late = {i for i, s in enumerate(slots) if i != me and s.deadline is not None and fin[i] > s.deadline + EPS}
         return fin[me], late
