@@ -279,3 +279,58 @@ def test_a_batch_with_one_labelled_token_gives_that_tokens_loss(tiny):
     q = torch.log_softmax(out.logits[1, t_pos].detach().float(), -1)
     kl = float((p.exp() * (p - q)).sum())
     assert kl > 1e-3 and with_kl["distill"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_switch_costs_are_exact_for_a_fractional_kv_share_and_a_head_dim_of_hidden_floor_heads():
+    """A head's share of k and v is kv/H of theirs: with 3 heads and 1 KV head that is a third, and the costs stay
+    float64-exact. A config without head_dim has the head_dim its attention layers use, hidden // heads (42 for
+    hidden 128 and 3 heads, not 42.67)."""
+    from types import SimpleNamespace as NS
+
+    def costs(**text):
+        return switch_costs(NS(text_config=NS(hidden_size=128, num_attention_heads=3, num_key_value_heads=1,
+                                              intermediate_size=344, **text)))  # fmt: skip
+
+    def expected(d):
+        head = 2 * 128 * d + 2 * 128 * d / 3  # 10922.67 for d = 32: not a float32 number
+        groups = (115, 115, 114)  # 344 neurons in 3 groups
+        layer = 3 * head + 3 * 128 * 344
+        return torch.tensor([[head / layer] * 3, [g * 3 * 128 / layer for g in groups]], dtype=torch.float64)
+
+    exact = dict(rtol=1e-13, atol=0)
+    torch.testing.assert_close(costs(head_dim=32), expected(32), **exact)
+    torch.testing.assert_close(costs(), expected(42), **exact)
+    assert float(costs().sum()) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_expected_plan_cost_stays_on_the_plans_device():
+    """The cost of a plan is computed where the plan is (the meta device stands in for an accelerator on a CPU-only
+    run: costs left on the CPU would meet the meta plan and raise)."""
+    from types import SimpleNamespace as NS
+
+    cfg = NS(text_config=NS(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=344),
+             num_prefix_layers=2, num_layers=4)  # fmt: skip
+    cost = expected_plan_cost(cfg, torch.zeros(3, 2, 2, 4, device="meta"))
+    assert cost.device == torch.device("meta") and cost.shape == (3,) and cost.dtype == torch.float32
+    torch.testing.assert_close(expected_plan_cost(cfg, torch.ones(1, 2, 2, 4)), torch.tensor([1.0]))
+
+
+def test_a_seeded_training_step_draws_nothing_from_the_global_rng(tiny):
+    """Every draw of adaptive_loss comes from its generator: the budgets, the student's Gumbel noise and the
+    full-budget teacher's (in train mode its scheduler samples too), so a seeded step is reproducible and leaves the
+    global RNG as it found it."""
+    model, processor = tiny
+    inputs = train_batch(processor)
+    model.train()
+    try:
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        loss, parts = adaptive_loss(model, inputs, LossWeights(distill=0.5, latency=1.0),
+                                    generator=torch.Generator().manual_seed(4))  # fmt: skip
+        assert torch.equal(torch.get_rng_state(), before)
+        assert set(parts) == {"lm", "mean_budget", "distill", "latency", "loss"}
+        again, _ = adaptive_loss(model, inputs, LossWeights(distill=0.5, latency=1.0),
+                                 generator=torch.Generator().manual_seed(4))  # fmt: skip
+    finally:
+        model.eval()
+    assert torch.equal(loss, again)

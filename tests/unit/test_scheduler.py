@@ -230,3 +230,75 @@ def test_head_sampler_straight_through_is_the_softmax_over_the_layers_heads():
     s = (z2 / tau).softmax(-1)
     expected = s * (w - (w * s).sum(-1, keepdim=True)) / tau
     torch.testing.assert_close(logits.grad[0, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plans_and_latency_tokens_stay_on_the_models_device_when_k_is_on_the_cpu():
+    """Every tensor the samplers and the latency encoder make is made on the device of the logits (of the encoder's
+    weights), whatever device the unit counts k or the budgets come from. The meta device stands in for an
+    accelerator on a CPU-only run: a tensor left on the CPU would meet a meta tensor and raise."""
+    meta = torch.device("meta")
+    k = torch.tensor([1, 3])  # on the CPU, as units_for_budget returns them
+    assert _gumbel(torch.zeros(2, 4, device=meta), None).device == meta
+    for stochastic in (True, False):
+        layer = sample_layer_plan(torch.zeros(2, 4, device=meta), k, 5.0, stochastic)
+        assert layer.device == meta and layer.shape == (2, 4)
+        head = sample_head_plan(torch.zeros(2, 3, 2, 4, device=meta), k, 2, 5.0, stochastic)
+        assert head.device == meta and head.shape == (2, 3, 2, 4)
+    for granularity in ("layer", "head"):
+        plan, z = Scheduler(16, 4, 4, granularity).to(meta)(torch.zeros(2, 16, device=meta), k, group_size=2,
+                                                             tau=5.0, stochastic=True)  # fmt: skip
+        assert plan.device == meta and z.device == meta and plan.shape == (2, 4, 2, 4)
+    token = LatencyEncoder(hidden_size=16).to(meta)(torch.tensor([0.5, 1.0], dtype=torch.float64))
+    assert token.device == meta and token.shape == (2, 16) and token.dtype == torch.float32
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_an_empty_batch_gets_an_empty_head_plan(stochastic):
+    """AdaLLaVA-H with no request: no unit is picked, also in a model without schedulable layers (where a pick over
+    zero switches would be an error)."""
+    for S in (4, 0):
+        plan = sample_head_plan(torch.zeros(0, S, 2, 4), torch.zeros(0, dtype=torch.long), 2, 5.0, stochastic)
+        assert plan.shape == (0, S, 2, 4)
+
+
+@pytest.mark.parametrize("tau", [2.0, 0.5])
+def test_head_sampler_layer_pick_has_the_gradient_of_the_softmax_over_every_switch_at_tau(tau):
+    """AdaLLaVA-H, one unit of one head (H = 1, so the unit's head and MLP group are certain and carry no gradient):
+    the unit's layer is the argmax of (logits + g) over every (layer, switch), and its straight-through gradient is
+    that of softmax((logits + g) / tau) over those 2 * S switches, summed per layer; g replayed from the generator."""
+    logits = torch.tensor([[[[0.5], [-1.0]], [[2.0], [0.0]], [[1.0], [0.3]]]], requires_grad=True)  # [1, 3, 2, 1]
+    plan = sample_head_plan(logits, torch.tensor([1]), 1, tau, True, torch.Generator().manual_seed(2))
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.0, 2.5]])  # a weight per (layer, switch)
+    (plan[0, :, :, 0] * w).sum().backward()
+    z = logits.detach().reshape(1, 6) + _gumbel(torch.zeros(1, 6), torch.Generator().manual_seed(2))
+    chosen = int(z.argmax()) // 2
+    expected_plan = torch.zeros(3, 2)
+    expected_plan[chosen] = 1.0
+    assert torch.equal(plan.detach()[0, :, :, 0], expected_plan)
+    s = (z[0] / tau).softmax(-1)  # over the six switches
+    W = w.sum(-1).repeat_interleave(2)  # d loss / d (layer of switch j): both switches of that layer are on
+    expected = s * (W - (s * W).sum()) / tau
+    torch.testing.assert_close(logits.grad.reshape(6), expected, rtol=1e-5, atol=1e-7)
+    assert expected.abs().max() > 0.01
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_the_scheduler_draws_its_noise_from_the_given_generator(granularity):
+    """Training plans are reproducible from the generator alone: with equal logits every pick is decided by the
+    Gumbel noise, and the plan is the sampler's with the same seeded generator whatever the global RNG's state."""
+    sched = Scheduler(16, 6, 4, granularity)
+    torch.nn.init.zeros_(sched.mlp_head.weight)
+    torch.nn.init.zeros_(sched.mlp_head.bias)
+    x, k = torch.randn(4, 16), torch.tensor([1, 2, 3, 4])
+
+    def plan(seed, global_seed):
+        torch.manual_seed(global_seed)
+        return sched(x, k, group_size=2, tau=5.0, stochastic=True, generator=torch.Generator().manual_seed(seed))[0]
+
+    zeros = torch.zeros(4, 6) if granularity == "layer" else torch.zeros(4, 6, 2, 4)
+    if granularity == "layer":
+        ref = sample_layer_plan(zeros, k, 5.0, True, torch.Generator().manual_seed(5))[:, :, None, None].expand(-1, -1, 2, 4)
+    else:
+        ref = sample_head_plan(zeros, k, 2, 5.0, True, torch.Generator().manual_seed(5))
+    assert torch.equal(plan(5, 0), ref) and torch.equal(plan(5, 1), ref)
+    assert not torch.equal(plan(6, 0), ref)  # the noise does decide: another seed, another plan
