@@ -41,16 +41,15 @@ test: venv browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml; equivalent mutants in
-# tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective and the Serve policy, each run
-# against the fast unit tests that cover it. Long on 2 cores: run it in the background; `mutmut browse` shows a
-# mutant's diff. Results stay in mutants/; a run given names (as here) re-tests every mutant they match, and
-# `mutmut run <mutant name>` re-tests one. Modeling's plan/cache paths: MUTATE_MODELING, with tests/unit/test_modeling*.py
-# added to pytest_add_cli_args_test_selection (much slower); mutmut resets every stored result when the selection
-# changes, so keep the score table of one selection before switching to the other.
-MUTATE := 'adallava.budget.*' 'adallava.scheduler.*' 'adallava.objective.*' 'serve.policy.*'
-MUTATE_MODELING := 'adallava.modeling.x__rows*' 'adallava.modeling.x__full_weights*' \
-	'adallava.modeling.x__sliced_weights*' 'adallava.modeling.*ǁ_groups_for_layer*' 'adallava.modeling.*ǁ_run_layer*' \
-	'adallava.modeling.*ǁresolve_budget*' 'adallava.modeling.*ǁlatency_token__*'
+# tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective, the Serve policy and the
+# plan/cache functions of modeling, each run against the fast unit tests that cover it (~70 min on 2 quiet cores: run
+# it in the background). `mutmut browse` shows a mutant's diff. Results stay in mutants/; a run given names (as here)
+# re-tests every mutant they match, and `mutmut run <mutant name>` re-tests one. mutmut resets every stored result
+# when the test selection changes.
+MUTATE_MODELING := 'adallava.modeling.x__full_weights*' 'adallava.modeling.x__sliced_weights*' \
+	'adallava.modeling.*ǁ_groups_for_layer*' 'adallava.modeling.*ǁ_run_layer*' 'adallava.modeling.*ǁresolve_budget*' \
+	'adallava.modeling.*ǁlatency_token__*'
+MUTATE := 'adallava.budget.*' 'adallava.scheduler.*' 'adallava.objective.*' 'serve.policy.*' $(MUTATE_MODELING)
 # mutmut exits 0 when the run completes, survivors or not, and 1 when it cannot run (stats or clean tests fail): the
 # target fails then, and when score.py finds a module below MUTATE_MIN % or with mutants left unchecked (an
 # interrupted run also exits 0).
@@ -58,7 +57,8 @@ MUTATE_CHILDREN ?= 2
 MUTATE_MIN ?= 90
 mutate: venv
 	$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTATE)
-	$(PY) tests/mutation/score.py --min $(MUTATE_MIN) adallava.budget adallava.scheduler adallava.objective serve.policy
+	$(PY) tests/mutation/score.py --min $(MUTATE_MIN) adallava.budget adallava.scheduler adallava.objective serve.policy \
+		'adallava.modeling (plan/cache)'
 
 # Benchmarks (never run as tests): each writes bench/results/<name>.json + .png and prints a table.
 bench: venv
