@@ -42,8 +42,8 @@ test: venv browser
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml; equivalent mutants in
 # tests/mutation/equivalent.md): every one-line mutant of budget, scheduler, objective, the Serve policy and the
-# plan/cache functions of modeling, each run against the fast unit tests that cover it (~70 min on 2 quiet cores: run
-# it in the background). `mutmut browse` shows a mutant's diff. Results stay in mutants/; a run given names (as here)
+# plan/cache functions of modeling, each run against the fast unit tests that cover it (~70 min measured on this
+# shared 2-core box: run it in the background). `mutmut browse` shows a mutant's diff. Results stay in mutants/; a run given names (as here)
 # re-tests every mutant they match, and `mutmut run <mutant name>` re-tests one. mutmut resets every stored result
 # when the test selection changes.
 MUTATE_MODELING := 'adallava.modeling.x__full_weights*' 'adallava.modeling.x__sliced_weights*' \
