@@ -83,6 +83,17 @@ VARIANTS = {  # the contract (prompts/contract11.md)
     "min_budget": {"floor": 0.5, "ceiling": 0.5, "reject": True},
 }
 STATIC = ("full_queue", "full_shed", "min_budget")
+
+
+def variants_with_floor(floor: float) -> dict:
+    """VARIANTS with the floor budget set: load_aware's lowest budget and min_budget's static one (`--floor`). An
+    operator sets it to the lowest budget the checkpoint is useful at (its accuracy per budget, measured offline)."""
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"--floor must be in (0, 1], got {floor}")
+    out = {k: dict(v) for k, v in VARIANTS.items()}
+    out["load_aware"]["floor"] = floor
+    out["min_budget"].update(floor=floor, ceiling=floor)
+    return out
 DEFAULT_OUT = "bench/results/serve_load.json"
 
 
@@ -563,6 +574,7 @@ class Bench:
         self.url = a.url
         self.unsupported: list[str] = []
         self.runtime_env, self.model = None, a.model
+        self.variants_def = variants_with_floor(a.floor)
         if not a.url:
             from registry import default_tracking_uri, is_registry_uri, pinned_uri
 
@@ -583,7 +595,7 @@ class Bench:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         self.url = f"http://127.0.0.1:{port}"
 
-    def deploy(self, variant: str, max_replicas: int | None = None):
+    def deploy(self, variant, max_replicas: int | None = None):
         from dataclasses import fields
 
         from ray import serve
@@ -603,6 +615,8 @@ class Bench:
                 "num_cpus": len(self.a.server_cores) / (max_replicas or self.a.replicas),
                 "server_slo_ms": self.a.server_slo_ms or self.a.slo_ms, "max_tokens": self.a.max_tokens,
                 "max_queued_requests": self.a.max_queued_requests, "profile_cache": self.a.profile_cache}  # fmt: skip
+        if isinstance(variant, str):  # a variant name: its definition with this run's --floor
+            variant = self.variants_def[variant]
         args, self.unsupported = server_args(variant, opts, {f.name for f in fields(ServeConfig)},
                                              {f.name for f in fields(PolicyConfig)}, limits_fields)  # fmt: skip
         try:
@@ -683,6 +697,8 @@ def build_parser():
                    "the server's; passed only when this serve/ has the field)")
     p.add_argument("--profile-cache", default=None, help="ServeConfig.profile_cache (passed only when it exists)")
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="multiples of C(1.0)")
+    p.add_argument("--floor", type=float, default=0.5, help="the floor budget: load_aware's lowest budget and "
+                   "min_budget's static one (set it to the lowest budget the checkpoint is useful at)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--variant", default=None, choices=list(VARIANTS), help="with --url: the variant that server runs")
     p.add_argument("--cell-s", type=float, default=60.0, help="measured seconds per cell")
@@ -743,6 +759,10 @@ def main(argv=None):
     if 1.0 not in a.budgets:
         raise SystemExit("bench_serve_load: --budgets must include 1.0 (loads are multiples of C(1.0))")
     a.capacity_concurrency = a.capacity_concurrency or 2 * a.max_batch_size
+    try:
+        variants_with_floor(a.floor)
+    except ValueError as e:
+        raise SystemExit(f"bench_serve_load: {e}") from None
     if a.url and not (a.variant and a.capacities):
         raise SystemExit("bench_serve_load: --url needs --variant (what that server runs) and --capacities (its C(b))")
     if a.url and 1.0 not in _pairs(a.capacities, "--capacities"):
@@ -750,7 +770,7 @@ def main(argv=None):
     preset = a.preset or preset_name(a.model)
     bench = Bench(a)
     run = {"config": {**{k: v for k, v in vars(a).items() if k != "client_worker"}, "model_resolved": bench.model,
-                      "preset": preset, "variants_def": VARIANTS},
+                      "preset": preset, "variants_def": bench.variants_def},
            "machine": {"cpu_count": os.cpu_count(), "server_cores": a.server_cores, "client_cores": a.client_cores,
                        "note": "CPU only; shared with other jobs: read loadavg beside each figure",
                        "loadavg_start": os.getloadavg()}}  # fmt: skip
@@ -858,7 +878,7 @@ def measure(bench: Bench, a) -> dict:
         phases = [(ph, c_full), (ph, 2 * c_full), (1.5 * ph, c_full)]
         recs, _ = bench.open_cell(phases, a.seed + 424242)
         rows = per_second(recs, 3.5 * ph)
-        ceiling = VARIANTS["load_aware"]["ceiling"]
+        ceiling = bench.variants_def["load_aware"]["ceiling"]
         recovery = recovery_time(rows, 2 * ph, ceiling)
         exercised = any(r["mean_budget"] is not None and r["mean_budget"] < ceiling - 0.05
                         for r in rows if ph <= r["t"] < 2 * ph)  # fmt: skip

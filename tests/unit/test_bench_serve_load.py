@@ -191,6 +191,20 @@ def test_server_args_follow_the_contract_and_name_missing_keys():
     assert missing == [] and "max_queued_requests" not in args and "profile_cache" not in args
 
 
+def test_floor_sets_load_aware_lowest_and_min_budget_static_budget_only():
+    v = b.variants_with_floor(0.6)
+    assert v["load_aware"] == {"floor": 0.6, "ceiling": 1.0, "reject": True}
+    assert v["min_budget"] == {"floor": 0.6, "ceiling": 0.6, "reject": True}
+    assert v["full_queue"] == b.VARIANTS["full_queue"] and v["full_shed"] == b.VARIANTS["full_shed"]
+    assert b.VARIANTS["load_aware"]["floor"] == 0.5 and b.VARIANTS["min_budget"]["ceiling"] == 0.5  # not mutated
+    args, _ = b.server_args(v["min_budget"], OPTS, CFG, POL, set())
+    assert args["policy"]["floor"] == args["policy"]["ceiling"] == 0.6
+    assert b.build_parser().parse_args([]).floor == 0.5
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--floor must be in"):
+            b.variants_with_floor(bad)
+
+
 def test_server_args_refuse_unknown_variants_and_servers_without_the_policy_keys():
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         b.server_args("fast", OPTS, CFG, POL, set())
