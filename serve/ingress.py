@@ -38,7 +38,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.config import ServeConfig
 from serve.playground import mount_playground
-from serve.policy import LatencyProfile, achievable_ms, admission, drain_ms
+from serve.policy import LatencyProfile, LengthModel, achievable_ms, admission, drain_ms
 from serve.protocol import (
     APIError, ParsedRequest, bad_request, check_request, chunk_body, completion_body, decode_images, error_body,
     load_image, parse_json, parse_request, usage_chunk,
@@ -86,10 +86,12 @@ class OpenAIServer:
         self.info: dict | None = None
         self.profile: LatencyProfile | None = None
         self._decode_slots: asyncio.Semaphore | None = None
-        # admission state, exact and local: requests sent to the model and not finished (id -> max_tokens, in send
-        # order), the live replicas and the contention factor (both piggybacked on responses), offered requests
+        # admission state, exact and local: requests sent to the model and not finished (id -> predicted tokens, in
+        # send order), the live replicas and the contention factor (both piggybacked on responses), offered requests,
+        # and the lengths of the completions seen here (serve.policy.LengthModel)
         self.inflight: dict[str, int] = {}
         self.replicas, self.kappa, self.offered = 1, 1.0, 0
+        self.lengths = LengthModel(cfg.policy)
 
     # ---- edge checks
     def check_api_key(self, request: Request):
@@ -135,7 +137,8 @@ class OpenAIServer:
         """Edge admission (see the module docstring): the request's deadline (ms after arrival), or an APIError. On
         success the request counts as in flight (the caller releases it)."""
         policy, p = self.cfg.policy, self.profile
-        lo, hi = achievable_ms(p, policy, parsed.max_tokens)
+        tokens = self.lengths.expect(parsed.max_tokens)  # max_tokens until completions have been seen
+        lo, hi = achievable_ms(p, policy, tokens)
         if parsed.latency_ms is not None and parsed.latency_ms < lo:
             raise bad_request(f"latency_ms={parsed.latency_ms:g} is below what this model can reach for "
                               f"max_tokens={parsed.max_tokens}: the achievable range is {lo:.0f} ms (budget "
@@ -150,13 +153,13 @@ class OpenAIServer:
             raise overloaded(f"overloaded: {len(inflight)} requests in flight, the bound is {bound} "
                              f"({self.replicas} replica(s) x (max_batch_size {self.cfg.max_batch_size} + "
                              f"max_queued_requests {self.cfg.max_queued_requests})); retry after {retry} s", retry)
-        retry = admission(p, policy, now, t0 * 1000 + deadline_ms, inflight, self.replicas, parsed.max_tokens,
+        retry = admission(p, policy, now, t0 * 1000 + deadline_ms, inflight, self.replicas, tokens,
                           self.kappa)  # fmt: skip
         if retry is not None:
             raise overloaded(f"overloaded: even the lowest budget ({policy.floor:g}) cannot meet this request's "
                              f"{deadline_ms:g} ms deadline behind the {len(inflight)} requests in flight; retry after "
                              f"{retry} s", retry)  # fmt: skip
-        self.inflight[rid] = parsed.max_tokens
+        self.inflight[rid] = tokens
         return deadline_ms
 
     async def _load_image(self, url: str, param: str):
@@ -238,6 +241,7 @@ class OpenAIServer:
                 if ev["type"] == "error":
                     return SafeJSONResponse(ev["body"], status_code=ev["status"], headers=ev.get("headers") or {})
                 self._learn(ev["adallava"])
+                self.lengths.observe(ev["completion_tokens"])
                 ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
                 return SafeJSONResponse(completion_body(job.request_id, created, self.cfg.model_name, ev["text"],
                                                         ev["finish_reason"], ev["prompt_tokens"],
@@ -272,6 +276,7 @@ class OpenAIServer:
                     yield _sse(chunk_body(cid, created, name, {"content": ev["text"]}))
                 elif ev["type"] == "done":
                     self._learn(ev["adallava"])
+                    self.lengths.observe(ev["completion_tokens"])
                     ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
                     yield _sse(chunk_body(cid, created, name, {}, ev["finish_reason"], ev["adallava"]))
                     if include_usage:

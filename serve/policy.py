@@ -66,6 +66,10 @@ class PolicyConfig:
     target_utilization: float = 0.8  # the autoscaler sizes replicas so the ceiling budget runs at this utilization
     contention_window: int = 8  # windows of engine steps in the contention factor's median
     contention_max: float = 10.0  # kappa stays within [1/contention_max, contention_max]; 1 turns it off
+    # predicted tokens per request: this quantile of the last length_window completions' lengths (capped by the
+    # request's max_tokens; max_tokens until LENGTH_MIN_SAMPLES were seen); None: always max_tokens (the worst case)
+    length_quantile: float | None = 0.9
+    length_window: int = 256
 
     def check(self, budget_range: tuple[float, float]) -> "PolicyConfig":
         lo, hi = budget_range
@@ -81,7 +85,49 @@ class PolicyConfig:
             raise ValueError(f"policy.contention_max must be >= 1, got {self.contention_max}")
         if not (isinstance(self.contention_window, int) and self.contention_window >= 1):
             raise ValueError(f"policy.contention_window must be an integer >= 1, got {self.contention_window!r}")
+        if self.length_quantile is not None and not 0 < self.length_quantile <= 1:
+            raise ValueError(f"policy.length_quantile must be in (0, 1] or null, got {self.length_quantile}")
+        if not (isinstance(self.length_window, int) and self.length_window >= 1):
+            raise ValueError(f"policy.length_window must be an integer >= 1, got {self.length_window!r}")
         return self
+
+
+LENGTH_MIN_SAMPLES = 16  # completions seen before the length model replaces max_tokens
+
+
+class LengthModel:
+    """How many tokens a request will produce, learned from the completions this process has seen: the
+    policy.length_quantile of the last policy.length_window completions' lengths, capped by the request's max_tokens,
+    and max_tokens itself until LENGTH_MIN_SAMPLES completions have been seen (or with length_quantile None).
+    Predicting every request at its max_tokens refuses work the server can do: short answers (a VQA answer is 1-3
+    tokens under max_tokens 16) read as up to 16x the decode they need. A request that runs longer than predicted is
+    already admitted and finishes; the next predictions see its length. observe() may run on another thread."""
+
+    def __init__(self, cfg: PolicyConfig):
+        self.quantile = cfg.length_quantile
+        self.seen: deque[int] = deque(maxlen=cfg.length_window)
+
+    def observe(self, tokens: int) -> None:
+        if isinstance(tokens, int) and tokens >= 1:
+            self.seen.append(tokens)
+
+    def typical(self) -> int | None:
+        """The quantile of recent lengths, or None while it is not known (too few samples, or turned off)."""
+        v = sorted(self.seen)  # a snapshot: appends from another thread do not disturb it
+        if self.quantile is None or len(v) < LENGTH_MIN_SAMPLES:
+            return None
+        return v[min(len(v) - 1, max(0, math.ceil(self.quantile * len(v)) - 1))]
+
+    def expect(self, max_tokens: int) -> int:
+        """Tokens a new request with this max_tokens is predicted to produce."""
+        t = self.typical()
+        return max_tokens if t is None else max(1, min(max_tokens, t))
+
+    def remaining(self, max_tokens: int, generated: int) -> int:
+        """Tokens a running request still has to produce: what it is predicted to produce minus what it has, at least
+        one while it runs (it may run past the prediction), never more than max_tokens allows."""
+        left = max_tokens - generated
+        return max(min(left, 1), min(left, self.expect(max_tokens) - generated))
 
 
 PROFILE_KEYS = ("budgets", "max_batch_size", "prefill_ms", "decode_ms_1", "decode_ms_b", "overhead_ms")

@@ -48,7 +48,7 @@ from ray import serve
 from serve.autoscaling import CAPACITY, OFFERED, OfferedRate
 from serve.config import ServeConfig
 from serve.policy import (
-    LatencyProfile, Slot, apply_caps, capacity_rps, choose_budget, levels, predicted_step_ms, update_contention,
+    LatencyProfile, LengthModel, Slot, apply_caps, capacity_rps, choose_budget, levels, predicted_step_ms, update_contention,
 )  # fmt: skip
 from serve.protocol import APIError, StopText, bad_request, error_body
 
@@ -143,6 +143,7 @@ class AdaLlavaModel:
         self.profile = self._load_profile()
         self.floor = levels(self.profile, cfg.policy)[0]
         self.kappa, self.kappa_window = 1.0, []  # contention factor (engine steps only) and its recent ratios
+        self.lengths = LengthModel(cfg.policy)  # tokens per request, learned from the completions (serve.policy)
         self.offered = OfferedRate(cfg.look_back_period_s)
         self.paused, self.clock_offset_s = False, 0.0  # test hooks (fault_injection)
         self.joined = self.refused_deadline = 0  # requests handed to the engine / refused at their turn
@@ -485,6 +486,7 @@ class AdaLlavaModel:
 
     def _done(self, live: _Live, fin, text: str, n_tokens: int, stopped: bool, t_first, t_last) -> dict:
         job, now = live.job, time.time()
+        self.lengths.observe(n_tokens)
         reason = "stop" if stopped or fin.finish_reason in ("eos", "stop") else "length"
         total_ms = (now - job.t_ingress) * 1000  # from the ingress's arrival: waits upstream count too
         self.m_budget.observe(live.budget)
@@ -585,12 +587,13 @@ class AdaLlavaModel:
         """Choose the request's budget now, from deadlines (SlackFit), or refuse it when even the floor is too late;
         then hand it to the engine."""
         job, engine, policy = live.job, self.engine, self.cfg.policy
-        ahead = [Slot(r.req.budget, r.req.max_new_tokens - len(r.tokens), self._deadline(r.req.request_id), True)
+        expect, left = self.lengths.expect, self.lengths.remaining  # predicted tokens (max_tokens until some were seen)
+        ahead = [Slot(r.req.budget, left(r.req.max_new_tokens, len(r.tokens)), self._deadline(r.req.request_id), True)
                  for r in engine.running]  # fmt: skip
-        ahead += [Slot(r.budget, r.max_new_tokens, self._deadline(r.request_id)) for r in engine.waiting]
-        behind = [Slot(self.floor, w.job.max_tokens, w.deadline_ms) for w in self.pending if not w.gone]
-        choice = choose_budget(self.profile, policy, self.now_ms(), ahead, Slot(0.0, job.max_tokens, live.deadline_ms),
-                               behind, self.kappa)  # fmt: skip
+        ahead += [Slot(r.budget, expect(r.max_new_tokens), self._deadline(r.request_id)) for r in engine.waiting]
+        behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in self.pending if not w.gone]
+        choice = choose_budget(self.profile, policy, self.now_ms(), ahead,
+                               Slot(0.0, expect(job.max_tokens), live.deadline_ms), behind, self.kappa)  # fmt: skip
         if not choice.feasible and policy.reject:
             self.refused_deadline += 1
             self.m_reject.inc(tags={"reason": "deadline"})

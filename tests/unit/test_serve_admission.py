@@ -118,6 +118,29 @@ def test_past_the_floor_429_comes_without_decoding_the_image():
     run(main())
 
 
+@pytest.mark.parametrize("quantile", [0.9, None])
+def test_admission_predicts_the_lengths_completions_have_had_not_max_tokens(quantile):
+    """SLO 3.5 units, floor 0.5: a max_tokens=8 request alone predicts 0.5 + 7 x 0.5 = 4 units at its worst case
+    (refused), 0.5 + 0.5 = 1 unit once completions of 2 tokens have been seen (admitted). length_quantile None keeps
+    the worst case."""
+    from serve.policy import LENGTH_MIN_SAMPLES
+
+    async def main():
+        backend = HeldBackend()
+        backend.release.set()  # every request completes at once, with 2 tokens
+        srv, decoded = server(backend, policy={"slo_ms": 3.5 * U, "length_quantile": quantile})
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(srv)), base_url="http://t") as c:
+            r = await c.post("/v1/chat/completions", json=with_image(max_tokens=8))
+            assert r.status_code == 429 and len(decoded) == 0
+            for _ in range(LENGTH_MIN_SAMPLES):
+                assert (await c.post("/v1/chat/completions", json=with_image())).status_code == 200
+            r = await c.post("/v1/chat/completions", json=with_image(max_tokens=8))
+            assert r.status_code == (200 if quantile else 429), r.text
+            assert srv.inflight == {}
+
+    run(main())
+
+
 def test_in_flight_plus_queued_never_exceeds_the_bound():
     """reject=False (the full_queue variant): no prediction refuses, only the bound replicas * (B + Q) = 4."""
 

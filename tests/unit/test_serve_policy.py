@@ -13,7 +13,7 @@ from PIL import Image
 
 from serve.autoscaling import OfferedRate, offered_demand_policy
 from serve.policy import (
-    EPS, Choice, LatencyProfile, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
+    EPS, LENGTH_MIN_SAMPLES, Choice, LatencyProfile, LengthModel, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
     choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, predicted_step_ms, prefill_ms, share, simulate, step_ms,
     update_contention,
 )  # fmt: skip
@@ -353,13 +353,45 @@ def test_the_contention_factor_is_the_middle_of_an_odd_window_and_the_mean_of_th
     assert [update_contention(window, m, 1.0, CFG) for m in (5, 1, 4, 2, 3)] == [5, 3, 4, 3, 3]
 
 
+def test_lengths_are_max_tokens_until_enough_completions_then_their_quantile_capped_by_max_tokens():
+    m = LengthModel(PolicyConfig(length_quantile=0.9, length_window=100))
+    for _ in range(LENGTH_MIN_SAMPLES - 1):
+        m.observe(2)
+    assert m.typical() is None and m.expect(16) == 16  # too few seen: the worst case
+    m.observe(2)
+    assert m.typical() == 2 and m.expect(16) == 2 and m.expect(1) == 1  # never above the request's own max_tokens
+    for n in range(1, 101):  # 1..100: the window keeps the last 100, so the 0.9 quantile is 90
+        m.observe(n)
+    assert m.typical() == 90 and m.expect(16) == 16 and m.expect(200) == 90
+    for bad in (0, -3, 2.5, None):  # not a completion length: ignored
+        m.observe(bad)
+    assert len(m.seen) == 100 and m.typical() == 90
+
+
+def test_a_running_request_has_at_least_one_token_left_until_its_max_tokens():
+    m = LengthModel(PolicyConfig(length_window=16))
+    for _ in range(16):
+        m.observe(3)
+    assert [m.remaining(16, g) for g in (0, 1, 2, 3, 10, 15, 16)] == [3, 2, 1, 1, 1, 1, 0]
+    assert m.remaining(2, 0) == 2  # capped by max_tokens
+
+
+def test_length_quantile_none_keeps_the_worst_case():
+    m = LengthModel(PolicyConfig(length_quantile=None))
+    for _ in range(64):
+        m.observe(1)
+    assert m.typical() is None and m.expect(16) == 16 and m.remaining(16, 4) == 12
+
+
 def test_policy_config_is_checked():
     for kw in (dict(floor=0.5 - 1e-10), dict(floor=1.0, ceiling=1.0), dict(contention_max=1.0), dict(contention_window=1),
-               dict(target_utilization=1.0)):  # fmt: skip
+               dict(target_utilization=1.0), dict(length_quantile=None), dict(length_quantile=1.0)):  # fmt: skip
         PolicyConfig(**kw).check((0.5, 1.0))
     for kw, words in ((dict(floor=0.9, ceiling=0.6), "floor <= ceiling"), (dict(ceiling=1.5), "ceiling=1.5"),
                       (dict(slo_ms=0), "slo_ms"), (dict(tokens=0), "tokens"), (dict(contention_max=0.9), "contention_max"),
-                      (dict(contention_window=0), "contention_window"), (dict(target_utilization=0), "target_utilization")):  # fmt: skip
+                      (dict(contention_window=0), "contention_window"), (dict(target_utilization=0), "target_utilization"),
+                      (dict(length_quantile=0), "length_quantile"), (dict(length_quantile=1.5), "length_quantile"),
+                      (dict(length_window=0), "length_window")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             PolicyConfig(**kw).check((0.5, 1.0))
 
