@@ -15,6 +15,12 @@ rows at the same budgets), median of recent windows, within [1/contention_max, c
 both sides of that ratio, so kappa cannot feed back through the budget (the old design divided whole-batch wall time,
 overheads included, by generate time: a lower budget read as more slowdown). kappa multiplies engine compute only.
 
+Lengths (`LengthModel`): a request's tokens are predicted as the policy.length_quantile of the lengths of the last
+policy.length_window completions this process has seen, capped by its max_tokens (max_tokens itself until 16 were
+seen, or with length_quantile None). Predicting every request at its max_tokens refuses work the server can do when
+answers are short; a request that runs longer than predicted finishes anyway (a running row has at least one token
+left until its max_tokens).
+
 `simulate` plays the engine forward from now: running rows (budget, remaining steps) and the FIFO queue behind them
 (budget, max_tokens), jumping from one finish to the next (the composition is constant in between), and returns each
 request's predicted finish. It is exact for this model and costs O(requests), whatever max_tokens is.
