@@ -165,7 +165,25 @@ def summarize_cell(records, slo_ms: float, duration_s: float) -> dict:
         "send_ms": {"p50": percentile(sends, 50), "p99": percentile(sends, 99)},
         "new_connections": len(connects),
         "connect_ms": {"p50": percentile(connects, 50), "p99": percentile(connects, 99)},
+        "where_ms": where_the_time_went(ok),
     }  # fmt: skip
+
+
+def where_the_time_went(ok) -> dict:
+    """Where admitted requests spent their time (p50 / p95 over the cell's answers): the server's own account
+    (adallava.latency_ms: total from the ingress's arrival, queue = arrival to taking a row, prefill, decode) and
+    outside = the client's latency (from the scheduled arrival) minus the server's total: connection, proxy, the hop to
+    the ingress and the way back, where no server clock runs. An admission that predicts well keeps queue + prefill +
+    decode within the deadline; a large outside share is time the server cannot see."""
+    parts: dict[str, list[float]] = {k: [] for k in ("total", "queue", "prefill", "decode", "outside")}
+    for r in ok:
+        sl = r.get("server_latency") or {}
+        for k in ("total", "queue", "prefill", "decode"):
+            if isinstance(sl.get(k), (int, float)):
+                parts[k].append(float(sl[k]))
+        if isinstance(sl.get("total"), (int, float)) and r.get("latency_ms") is not None:
+            parts["outside"].append(r["latency_ms"] - float(sl["total"]))
+    return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95)} for k, v in parts.items()}
 
 
 def effective_accuracy(records, slo_ms: float):

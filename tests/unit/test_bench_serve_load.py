@@ -82,6 +82,18 @@ def test_summarize_cell_counts_every_outcome():
     assert s["effective_accuracy"] == 1 / 8  # only the first: correct AND within the SLO, over all offered
 
 
+def test_where_the_time_went_splits_the_client_latency_into_the_servers_account_and_the_rest():
+    ok = [rec(latency_ms=1000.0), rec(latency_ms=3000.0), rec(latency_ms=500.0)]
+    ok[0]["server_latency"] = {"total": 900.0, "queue": 100.0, "prefill": 500.0, "decode": 300.0}
+    ok[1]["server_latency"] = {"total": 2000.0, "queue": 1500.0, "prefill": 400.0, "decode": 100.0}
+    # the third answer carries no server account: it counts in no part
+    w = b.where_the_time_went(ok)
+    assert w["total"]["p50"] == pytest.approx(1450.0) and w["queue"]["p50"] == pytest.approx(800.0)
+    assert w["outside"] == {"p50": pytest.approx(550.0), "p95": pytest.approx(float(np.percentile([100, 1000], 95)))}
+    assert b.where_the_time_went([])["total"] == {"p50": None, "p95": None}
+    assert "where_ms" in b.summarize_cell(ok, slo_ms=1000, duration_s=1.0)
+
+
 def test_effective_accuracy_counts_refusals_and_late_answers_as_failures():
     assert b.effective_accuracy([rec(), rec(status=429)], 1000) == 0.5
     assert b.effective_accuracy([rec(latency_ms=1000.0), rec(latency_ms=1000.1)], 1000) == 0.5
