@@ -38,7 +38,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.config import ServeConfig
 from serve.playground import mount_playground
-from serve.policy import LatencyProfile, LengthModel, achievable_ms, admission, drain_ms
+from serve.policy import LatencyProfile, LengthModel, achievable_ms, admission, drain_ms, share
 from serve.protocol import (
     APIError, ParsedRequest, bad_request, check_request, chunk_body, completion_body, decode_images, error_body,
     load_image, parse_json, parse_request, usage_chunk,
@@ -86,10 +86,10 @@ class OpenAIServer:
         self.info: dict | None = None
         self.profile: LatencyProfile | None = None
         self._decode_slots: asyncio.Semaphore | None = None
-        # admission state, exact and local: requests sent to the model and not finished (id -> predicted tokens, in
-        # send order), the live replicas and the contention factor (both piggybacked on responses), offered requests,
+        # admission state, exact and local: requests sent to the model and not finished (id -> (predicted tokens,
+        # ms sent), in send order), the live replicas and the contention factor (both piggybacked on responses), offered requests,
         # and the lengths of the completions seen here (serve.policy.LengthModel)
-        self.inflight: dict[str, int] = {}
+        self.inflight: dict[str, tuple[int, float]] = {}
         self.replicas, self.kappa, self.offered = 1, 1.0, 0
         self.lengths = LengthModel(cfg.policy)
 
@@ -137,8 +137,10 @@ class OpenAIServer:
         """Edge admission (see the module docstring): the request's deadline (ms after arrival), or an APIError. On
         success the request counts as in flight (the caller releases it)."""
         policy, p = self.cfg.policy, self.profile
-        tokens = self.lengths.expect(parsed.max_tokens)  # max_tokens until completions have been seen
-        lo, hi = achievable_ms(p, policy, tokens)
+        inflight = list(self.inflight.values())
+        # the achievable range at the predicted length (max_tokens until completions have been seen); admission below
+        # predicts one token for a request with nothing ahead of it until then (serve.policy.LengthModel)
+        lo, hi = achievable_ms(p, policy, self.lengths.expect(parsed.max_tokens))
         if parsed.latency_ms is not None and parsed.latency_ms < lo:
             raise bad_request(f"latency_ms={parsed.latency_ms:g} is below what this model can reach for "
                               f"max_tokens={parsed.max_tokens}: the achievable range is {lo:.0f} ms (budget "
@@ -146,20 +148,20 @@ class OpenAIServer:
                               f"under load", param="latency_ms", code="latency_unreachable")  # fmt: skip
         deadline_ms = min(policy.slo_ms, parsed.latency_ms if parsed.latency_ms is not None else math.inf)
         now = time.time() * 1000
-        inflight = list(self.inflight.values())
         bound = self.replicas * (self.cfg.max_batch_size + self.cfg.max_queued_requests)
         if len(inflight) >= bound:
             retry = max(1, math.ceil(drain_ms(p, policy, now, inflight, self.replicas, self.kappa) / 1000))
             raise overloaded(f"overloaded: {len(inflight)} requests in flight, the bound is {bound} "
                              f"({self.replicas} replica(s) x (max_batch_size {self.cfg.max_batch_size} + "
                              f"max_queued_requests {self.cfg.max_queued_requests})); retry after {retry} s", retry)
+        tokens = self.lengths.expect(parsed.max_tokens, alone=not share(inflight, self.replicas))
         retry = admission(p, policy, now, t0 * 1000 + deadline_ms, inflight, self.replicas, tokens,
                           self.kappa)  # fmt: skip
         if retry is not None:
             raise overloaded(f"overloaded: even the lowest budget ({policy.floor:g}) cannot meet this request's "
                              f"{deadline_ms:g} ms deadline behind the {len(inflight)} requests in flight; retry after "
                              f"{retry} s", retry)  # fmt: skip
-        self.inflight[rid] = tokens
+        self.inflight[rid] = (tokens, now)
         return deadline_ms
 
     async def _load_image(self, url: str, param: str):

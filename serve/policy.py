@@ -17,7 +17,8 @@ overheads included, by generate time: a lower budget read as more slowdown). kap
 
 Lengths (`LengthModel`): a request's tokens are predicted as the policy.length_quantile of the lengths of the last
 policy.length_window completions this process has seen, capped by its max_tokens (max_tokens itself until 16 were
-seen, or with length_quantile None). Predicting every request at its max_tokens refuses work the server can do when
+seen, or with length_quantile None; until then a request with nobody ahead or behind it is predicted at one token, so
+an idle server serves, and learns, even when the worst case would miss the SLO). Predicting every request at its max_tokens refuses work the server can do when
 answers are short; a request that runs longer than predicted finishes anyway (a running row has at least one token
 left until its max_tokens).
 
@@ -29,7 +30,12 @@ Edge admission (ingress, before any image is decoded). The ingress counts exactl
 model and not yet seen finish, and splits them over the live replicas in send order (Serve's router balances them);
 the new request goes behind the shortest share. With everything at the floor budget:
 
-    admit  iff  now + overhead + finish_floor(share + new) <= deadline
+    admit  iff  overhead + finish_floor(share + new) <= deadline
+
+where the share is played forward from when its oldest request was sent (the edge sees no replica's progress, only
+its own send times: the engine is taken as busy with them since, each prefilled in turn), moved out by however much
+its first finish is overdue (a request still in flight has not finished), and never sooner than the new request alone
+from now
     else 429 "overloaded", Retry-After = ceil((predicted - deadline) / 1 s) (>= 1)   [policy.reject=True]
 
 and, whatever the policy, at most replicas * (max_batch_size + max_queued_requests) in flight: back-pressure beyond it.
@@ -124,10 +130,15 @@ class LengthModel:
             return None
         return v[min(len(v) - 1, max(0, math.ceil(self.quantile * len(v)) - 1))]
 
-    def expect(self, max_tokens: int) -> int:
-        """Tokens a new request with this max_tokens is predicted to produce."""
+    def expect(self, max_tokens: int, alone: bool = False) -> int:
+        """Tokens a new request with this max_tokens is predicted to produce. While no lengths are known, a request
+        with nothing ahead of it is predicted at one token (the least it can produce): at the worst case an SLO
+        shorter than max_tokens' decode would refuse every request on an idle server, nothing would ever complete and
+        nothing would be learned. It delays no one; the lengths it teaches replace the guess."""
         t = self.typical()
-        return max_tokens if t is None else max(1, min(max_tokens, t))
+        if t is None:
+            return 1 if alone and self.quantile is not None else max_tokens
+        return max(1, min(max_tokens, t))
 
     def remaining(self, max_tokens: int, generated: int) -> int:
         """Tokens a running request still has to produce: what it is predicted to produce minus what it has, at least
@@ -281,39 +292,45 @@ def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[
     return Choice(lv[0], True, at_floor)  # the floor meets the deadline (above) and makes nobody newly late
 
 
-def share(inflight: list[int], replicas: int) -> list[int]:
-    """The ingress's in-flight requests (their max_tokens, in send order) as the shortest replica's share: request k
-    went to replica k mod n (Serve's router balances them), the new one joins the replica holding the fewest."""
+def share(inflight: list, replicas: int) -> list:
+    """The ingress's in-flight requests (in send order) as the shortest replica's share: request k went to replica
+    k mod n (Serve's router balances them), the new one joins the replica holding the fewest."""
     n = max(int(replicas), 1)
     return inflight[len(inflight) % n :: n]  # replica len % n is next in turn: it holds the fewest
 
 
-def edge_finish_ms(p: LatencyProfile, cfg: PolicyConfig, now: float, inflight: list[int], replicas: int, tokens: int,
+def _played(p: LatencyProfile, floor: float, now: float, mine: list, extra: list[Slot], kappa: float):
+    """A replica's share of the in-flight requests played forward, then `extra` behind them: the predicted finishes
+    of mine + extra. An entry is (predicted tokens, ms it was sent) or a bare token count (sent now). The edge does not
+    see a replica's progress, only when it sent each request, so its engine is taken as busy with the share since the
+    oldest was sent: all waiting then, FIFO, each prefilled alone when a row frees, all at the floor. None of them has
+    finished (they are still in flight), so when the first is predicted done before now the engine is behind by at
+    least that much, and every finish moves out by it."""
+    ent = [(e, now) if isinstance(e, int) else (int(e[0]), float(e[1])) for e in mine]
+    start = min([now, *(sent for _, sent in ent)])
+    fin = simulate(p, start, [Slot(floor, t) for t, _ in ent] + extra, kappa)
+    lag = max(0.0, now - min(fin[: len(ent)])) if ent else 0.0
+    return [f + lag for f in fin]
+
+
+def edge_finish_ms(p: LatencyProfile, cfg: PolicyConfig, now: float, inflight: list, replicas: int, tokens: int,
                    kappa: float = 1.0) -> float:  # fmt: skip
     """A new request's predicted finish at the floor behind its replica's share of the in-flight requests (all at the
-    floor), its per-request overhead included."""
+    floor; see _played), its per-request overhead included; never sooner than it would finish alone from now."""
     floor = levels(p, cfg)[0]
-    mine = share(inflight, replicas)
-    return simulate(p, now, _ahead(p, floor, mine) + [Slot(floor, tokens)], kappa)[-1] + p.overhead_ms
+    alone = simulate(p, now, [Slot(floor, tokens)], kappa)[0]
+    behind = _played(p, floor, now, share(inflight, replicas), [Slot(floor, tokens)], kappa)[-1]
+    return max(alone, behind) + p.overhead_ms
 
 
-def _ahead(p: LatencyProfile, floor: float, mine: list[int]) -> list[Slot]:
-    """A replica's share of the in-flight requests as slots: the oldest max_batch_size run (assumed just joined: their
-    prefill done, max_tokens - 1 steps left; their progress since is not known here), the rest wait."""
-    B = p.max_batch_size
-    return [Slot(floor, t - 1, None, True) if i < B else Slot(floor, t) for i, t in enumerate(mine) if i >= B or t > 1]
-
-
-def drain_ms(p: LatencyProfile, cfg: PolicyConfig, now: float, inflight: list[int], replicas: int,
+def drain_ms(p: LatencyProfile, cfg: PolicyConfig, now: float, inflight: list, replicas: int,
              kappa: float = 1.0) -> float:  # fmt: skip
     """How long until the shortest share's first in-flight request finishes (at the floor): when a row frees."""
-    floor = levels(p, cfg)[0]
-    mine = share(inflight, replicas)
-    fin = simulate(p, now, _ahead(p, floor, mine), kappa)
-    return min(fin) - now if fin else 0.0
+    fin = _played(p, levels(p, cfg)[0], now, share(inflight, replicas), [], kappa)
+    return max(0.0, min(fin) - now) if fin else 0.0
 
 
-def admission(p: LatencyProfile, cfg: PolicyConfig, now: float, deadline: float, inflight: list[int], replicas: int,
+def admission(p: LatencyProfile, cfg: PolicyConfig, now: float, deadline: float, inflight: list, replicas: int,
               tokens: int, kappa: float = 1.0) -> int | None:  # fmt: skip
     """None: admit. Else the seconds (>= 1) a client should wait: the predicted excess over its deadline at the floor.
     Never refuses when cfg.reject is False (the bounded queues still do)."""

@@ -592,8 +592,9 @@ class AdaLlavaModel:
                  for r in engine.running]  # fmt: skip
         ahead += [Slot(r.budget, expect(r.max_new_tokens), self._deadline(r.request_id)) for r in engine.waiting]
         behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in self.pending if not w.gone]
-        choice = choose_budget(self.profile, policy, self.now_ms(), ahead,
-                               Slot(0.0, expect(job.max_tokens), live.deadline_ms), behind, self.kappa)  # fmt: skip
+        # nobody ahead or behind: while no lengths are known, predicted at one token (serve.policy.LengthModel)
+        new = Slot(0.0, expect(job.max_tokens, alone=not ahead and not behind), live.deadline_ms)
+        choice = choose_budget(self.profile, policy, self.now_ms(), ahead, new, behind, self.kappa)
         if not choice.feasible and policy.reject:
             self.refused_deadline += 1
             self.m_reject.inc(tags={"reason": "deadline"})

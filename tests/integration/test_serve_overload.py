@@ -121,18 +121,20 @@ def test_an_expired_request_is_refused_at_its_turn_not_computed(server):
     moved = False
     with cf.ThreadPoolExecutor(1) as ex:
         try:  # inside the executor: a failure releases the engine before the executor waits for the request
-            late = ex.submit(ask, server["url"])  # admitted: alone, the floor needs 1 unit of its 3.5
+            late = ex.submit(ask, server["url"])  # admitted: alone, the floor needs at most 1 unit of its 3.5
             wait_for(server, lambda s: s["load"]["waiting"] == 1)
-            model.advance_clock.remote(3.0 * U / 1000).result()  # by its turn 0.5 units are left: the floor is late
+            # by its turn 0.25 units are left: the floor is late even at one token (its prefill, 0.5 units), the
+            # least a request produces and what a lone request is predicted at while no lengths are known
+            model.advance_clock.remote(3.25 * U / 1000).result()
             moved = True
             model.pause_engine.remote(False).result()
             status, body, headers = late.result()
         finally:
             model.pause_engine.remote(False).result()
             if moved:
-                model.advance_clock.remote(-3.0 * U / 1000).result()
+                model.advance_clock.remote(-3.25 * U / 1000).result()
     assert status == 429 and body["error"]["code"] == "deadline_exceeded", body
-    assert int(headers["retry-after"]) >= 500  # the floor would end 0.5 units (500 s) after the deadline
+    assert int(headers["retry-after"]) >= 250  # the floor would end at least 0.25 units (250 s) after the deadline
     state = info(server)
     assert state["joined"] == before and state["refused_deadline"] == refused + 1  # never computed
     # the queue is empty again: the next request runs at full budget at once (no state survives the refusal)

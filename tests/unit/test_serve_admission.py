@@ -90,52 +90,65 @@ def run(coro):
 
 
 def test_past_the_floor_429_comes_without_decoding_the_image():
-    """B = 2, SLO 3.75 units, 2 tokens each: the floor behind k in flight finishes at 1, 1, 1.5, 2, 3, 3.5, 4.5 units
-    (serve.policy's numbers), so with room for 8 in flight the seventh request is refused, and its image never
-    decoded; once the queue drains the same request is admitted again."""
+    """B = 2, SLO 3.75 units, 2 tokens each, no lengths known yet: the first request (nothing ahead of it) is predicted
+    at one token, the rest at two. Behind k in flight the floor finishes at 1, 1.5, 2.5, 3, 3.5, then 4.5 units
+    (serve.policy's numbers: each prefilled in turn, two rows stepping together), so with room for 8 in flight the
+    sixth request is refused, and its image never decoded; once the queue drains the same request is admitted again."""
 
     async def main():
         backend = HeldBackend()
         srv, decoded = server(backend, max_queued_requests=6, policy={"slo_ms": 3.75 * U})
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(srv)), base_url="http://t") as c:
-            held = [asyncio.create_task(c.post("/v1/chat/completions", json=with_image())) for _ in range(6)]
-            await until(lambda: len(backend.jobs) == 6)
-            assert len(decoded) == 6
+            held = [asyncio.create_task(c.post("/v1/chat/completions", json=with_image())) for _ in range(5)]
+            await until(lambda: len(backend.jobs) == 5)
+            assert len(decoded) == 5
             r = await c.post("/v1/chat/completions", json=with_image())
             assert r.status_code == 429, r.text
             assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["type"] == "rate_limit_error"
             # the excess (4.5 - 3.75 units = 75 s) in whole seconds, rounded up; the time since its arrival counts too
             # (milliseconds here, a few seconds on a machine under heavy load)
             assert 75 <= int(r.headers["retry-after"]) <= 80
-            assert len(decoded) == 6 and len(backend.jobs) == 6  # refused before its image, never sent to the model
+            assert len(decoded) == 5 and len(backend.jobs) == 5  # refused before its image, never sent to the model
             backend.release.set()
-            assert [x.status_code for x in await asyncio.gather(*held)] == [200] * 6
+            assert [x.status_code for x in await asyncio.gather(*held)] == [200] * 5
             r = await c.post("/v1/chat/completions", json=with_image())
-            assert r.status_code == 200 and len(decoded) == 7 and srv.inflight == {}
+            assert r.status_code == 200 and len(decoded) == 6 and srv.inflight == {}
             # every request counted as offered, the refused one included, and stamped on the jobs
-            assert srv.offered == 8 and backend.jobs[-1].offered == 8
+            assert srv.offered == 7 and backend.jobs[-1].offered == 7
 
     run(main())
 
 
 @pytest.mark.parametrize("quantile", [0.9, None])
 def test_admission_predicts_the_lengths_completions_have_had_not_max_tokens(quantile):
-    """SLO 3.5 units, floor 0.5: a max_tokens=8 request alone predicts 0.5 + 7 x 0.5 = 4 units at its worst case
-    (refused), 0.5 + 0.5 = 1 unit once completions of 2 tokens have been seen (admitted). length_quantile None keeps
-    the worst case."""
+    """SLO 3.5 units, floor 0.5, one request in flight: a max_tokens=8 request behind it predicts 1 + 0.5 + 7 x 0.5 =
+    4.5 units at its worst case (refused), 1 + 0.5 = 1.5 once completions of 2 tokens have been seen (admitted).
+    length_quantile None keeps the worst case."""
     from serve.policy import LENGTH_MIN_SAMPLES
 
     async def main():
         backend = HeldBackend()
-        backend.release.set()  # every request completes at once, with 2 tokens
         srv, decoded = server(backend, policy={"slo_ms": 3.5 * U, "length_quantile": quantile})
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(srv)), base_url="http://t") as c:
+            held = asyncio.create_task(c.post("/v1/chat/completions", json=with_image()))
+            await until(lambda: len(backend.jobs) == 1)
             r = await c.post("/v1/chat/completions", json=with_image(max_tokens=8))
-            assert r.status_code == 429 and len(decoded) == 0
-            for _ in range(LENGTH_MIN_SAMPLES):
+            assert r.status_code == 429 and len(decoded) == 1, r.text
+            backend.release.set()  # every request now completes at once, with 2 tokens
+            assert (await held).status_code == 200
+            for _ in range(LENGTH_MIN_SAMPLES - 1):
                 assert (await c.post("/v1/chat/completions", json=with_image())).status_code == 200
-            r = await c.post("/v1/chat/completions", json=with_image(max_tokens=8))
-            assert r.status_code == (200 if quantile else 429), r.text
+            backend.release = asyncio.Event()  # hold again: one in flight, then the long one behind it
+            held = asyncio.create_task(c.post("/v1/chat/completions", json=with_image()))
+            await until(lambda: len(backend.jobs) == LENGTH_MIN_SAMPLES + 1)
+            long = asyncio.create_task(c.post("/v1/chat/completions", json=with_image(max_tokens=8)))
+            if quantile:
+                await until(lambda: len(backend.jobs) == LENGTH_MIN_SAMPLES + 2)  # admitted, reached the model
+                assert not long.done()
+            else:
+                assert (await long).status_code == 429
+            backend.release.set()
+            assert (await held).status_code == 200 and (await long).status_code == (200 if quantile else 429)
             assert srv.inflight == {}
 
     run(main())

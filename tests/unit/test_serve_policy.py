@@ -279,42 +279,60 @@ def test_share_splits_the_in_flight_requests_in_send_order():
 
 def test_edge_admission_refuses_what_even_the_floor_cannot_make_with_retry_after():
     p, due = units(B=2), 3.5 * U
-    # the floor behind k requests of 2 tokens: the oldest two run (one step left each), the rest wait for their rows
+    # the floor behind k requests of 2 tokens sent now (the edge credits no progress to them): each is prefilled alone
+    # (0.5) when a row frees, two rows decode together (0.5 a step). k=2: both prefilled by 1, stepped out at 1.5, the
+    # new one prefilled at 2 and done at 2.5; k=4: the second pair out at 3, the new one at 4
     finishes = [edge_finish_ms(p, CFG, 0, [2] * k, 1, 2) for k in range(7)]
-    assert finishes == [U, U, 1.5 * U, 2 * U, 3 * U, 3.5 * U, 4.5 * U]
-    assert [admission(p, CFG, 0, due, [2] * k, 1, 2) for k in range(7)] == [None] * 6 + [1]
+    assert finishes == [U, 1.5 * U, 2.5 * U, 3 * U, 4 * U, 4.5 * U, 5.5 * U]
+    # refused past 3.5 units; Retry-After = the excess in whole seconds, rounded up (0.5, 1 and 2 s)
+    assert [admission(p, CFG, 0, due, [2] * k, 1, 2) for k in range(7)] == [None] * 4 + [1, 1, 2]
     assert admission(p, CFG, 0, 0.4 * U, [2] * 9, 1, 2) == math.ceil((edge_finish_ms(p, CFG, 0, [2] * 9, 1, 2) - 400) / 1000)
     assert admission(p, CFG, 0, due, [2] * 4, 2, 2) is None  # two replicas share them
     lenient = PolicyConfig(slo_ms=3.5 * U, reject=False)
     assert admission(p, lenient, 0, due, [2] * 50, 1, 2) is None  # reject=False: only the bounds refuse
     assert edge_finish_ms(units(B=2, overhead=250), CFG, 0, [], 1, 2) == U + 250
-    assert drain_ms(p, CFG, 0, [2] * 5, 1) == 0.5 * U and drain_ms(p, CFG, 0, [], 1) == 0.0
+    # the first row frees when the first pair steps out: 1.5 units
+    assert drain_ms(p, CFG, 0, [2] * 5, 1) == 1.5 * U and drain_ms(p, CFG, 0, [], 1) == 0.0
 
 
 def test_retry_after_is_the_excess_over_the_deadline_rounded_up_to_whole_seconds():
-    p = units(B=2)  # behind six requests of 2 tokens the floor finishes at 4.5 units
+    p = units(B=2)  # behind six requests of 2 tokens the floor finishes at 5.5 units
     excess = (EPS, 2 * EPS, 1, 1000, 1000.5, 2000)
-    assert [admission(p, CFG, 0, 4.5 * U - e, [2] * 6, 1, 2) for e in excess] == [None, 1, 1, 1, 2, 2]
+    assert [admission(p, CFG, 0, 5.5 * U - e, [2] * 6, 1, 2) for e in excess] == [None, 1, 1, 1, 2, 2]
 
 
 def test_contention_scales_the_edge_prediction_but_not_the_overhead():
     p = units(B=2)
     assert edge_finish_ms(units(B=2, overhead=250), CFG, 0, [], 1, 2, kappa=2.0) == 2 * U + 250
-    assert drain_ms(p, CFG, 0, [2] * 5, 1, kappa=2.0) == U
-    assert admission(p, CFG, 0, 3.5 * U, [2] * 4, 1, 2) is None  # the floor finishes at 3 units
-    assert admission(p, CFG, 0, 3.5 * U, [2] * 4, 1, 2, kappa=2.0) == 3  # at 6 units: 2.5 s late
+    assert drain_ms(p, CFG, 0, [2] * 5, 1, kappa=2.0) == 3 * U
+    assert admission(p, CFG, 0, 3.5 * U, [2] * 3, 1, 2) is None  # the floor finishes at 3 units
+    assert admission(p, CFG, 0, 3.5 * U, [2] * 3, 1, 2, kappa=2.0) == 3  # at 6 units: 2.5 s late
 
 
 def test_drain_is_counted_from_now():
-    assert drain_ms(units(B=2), CFG, 7 * U, [2] * 5, 1) == 0.5 * U
+    assert drain_ms(units(B=2), CFG, 7 * U, [2] * 5, 1) == 1.5 * U
 
 
-def test_one_token_requests_in_flight_wait_for_a_row_but_once_running_are_done():
+def test_one_token_requests_in_flight_are_prefilled_in_turn_and_done():
     p = units(B=2)
-    # [2, 2] run (one step of 0.5 left each); the third waits, and its prefill (0.5) gives its one token; then the new one
-    assert edge_finish_ms(p, CFG, 0, [2, 2, 1], 1, 2) == 2 * U
-    # a running request of one token has it already (its prefill): the first row to free is the other one's
-    assert drain_ms(p, CFG, 0, [1, 2], 1) == 0.5 * U
+    # [2, 2] prefilled (0.5 each) and stepped out together at 1.5; the third's prefill (to 2) gives its one token;
+    # then the new one: prefill to 2.5, a step to 3. No request in flight counts as done before its prefill
+    assert edge_finish_ms(p, CFG, 0, [2, 2, 1], 1, 2) == 3 * U
+    assert drain_ms(p, CFG, 0, [1, 2], 1) == 0.5 * U  # the one-token request is done with its prefill
+
+
+def test_the_edge_credits_the_time_since_a_request_was_sent_and_no_more_than_it_has_overrun():
+    p = units(B=2)
+    sent = [(2, 0.0), (2, 0.0)]  # two requests of 2 tokens sent at 0: predicted out together at 1.5
+    # at 1 the engine is 1 unit into them: the new one joins at 1.5 and is done at 2.5 (3.5 had they been sent at 1)
+    assert edge_finish_ms(p, CFG, 1 * U, sent, 1, 2) == 2.5 * U
+    assert edge_finish_ms(p, CFG, 1 * U, [2, 2], 1, 2) == 3.5 * U
+    # at 5 they should long be done but are still in flight: the engine is behind by 3.5 units, so they are taken to
+    # finish now and the new one a prefill and a step later; a row frees now (Retry-After 1 s)
+    assert edge_finish_ms(p, CFG, 5 * U, sent, 1, 2) == 6 * U
+    assert drain_ms(p, CFG, 5 * U, sent, 1) == 0.0
+    # a request sent before the others starts the clock for the whole share
+    assert edge_finish_ms(p, CFG, 1 * U, [(2, 0.0), 2], 1, 2) == 2.5 * U
 
 
 # ---------------------------------------------------------------------------------------------------------- contention
@@ -374,6 +392,15 @@ def test_a_running_request_has_at_least_one_token_left_until_its_max_tokens():
         m.observe(3)
     assert [m.remaining(16, g) for g in (0, 1, 2, 3, 10, 15, 16)] == [3, 2, 1, 1, 1, 1, 0]
     assert m.remaining(2, 0) == 2  # capped by max_tokens
+
+
+def test_a_request_with_nothing_ahead_is_predicted_at_one_token_until_lengths_are_known():
+    m = LengthModel(PolicyConfig())
+    assert m.expect(16, alone=True) == 1 and m.expect(16) == 16  # cold: the lone request teaches, the rest wait
+    for _ in range(LENGTH_MIN_SAMPLES):
+        m.observe(5)
+    assert m.expect(16, alone=True) == 5 and m.expect(16) == 5
+    assert LengthModel(PolicyConfig(length_quantile=None)).expect(16, alone=True) == 16  # the worst case, always
 
 
 def test_length_quantile_none_keeps_the_worst_case():
