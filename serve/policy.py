@@ -22,9 +22,18 @@ an idle server serves, and learns, even when the worst case would miss the SLO).
 answers are short; a request that runs longer than predicted finishes anyway (a running row has at least one token
 left until its max_tokens).
 
-`simulate` plays the engine forward from now: running rows (budget, remaining steps) and the FIFO queue behind them
-(budget, max_tokens), jumping from one finish to the next (the composition is constant in between), and returns each
-request's predicted finish. It is exact for this model and costs O(requests), whatever max_tokens is.
+The prefill gate (`may_prefill`). A prefill stalls every running row for its duration. A replica that prefills
+whatever waits before its rows' next decode lets a burst of joiners push a running request's next token out by up to
+max_batch_size - 1 prefills, which no prediction made at that request's join can see (measured under 2x overload on
+the smol checkpoint: a 2-token answer's second token waited 1.7-2.2 s). So a waiting request is prefilled only when
+that makes no running row miss a deadline it would meet without the prefill; otherwise it waits for the next step
+(FIFO: those behind it wait too). Rows late anyway, or without a deadline, hold nobody back.
+
+`simulate` (`play`) plays the engine forward from now, in the engine's own order: each step decodes the running rows
+(budget, remaining steps), then prefills the FIFO queue behind them (budget, predicted tokens) while a row is free and
+the gate lets them, jumping from one finish to the next while nobody can join (the composition is constant in
+between), and returns each request's predicted finish (and the steps before its prefill). It is exact for this model
+and costs O(requests x steps while someone waits), whatever max_tokens is.
 
 Edge admission (ingress, before any image is decoded). The ingress counts exactly the requests it has sent to the
 model and not yet seen finish, and splits them over the live replicas in send order (Serve's router balances them);
@@ -33,7 +42,8 @@ the new request goes behind the shortest share. With everything at the floor bud
     admit  iff  overhead + finish_floor(share + new) <= deadline
 
 where the share is played forward from when its oldest request was sent (the edge sees no replica's progress, only
-its own send times: the engine is taken as busy with them since, each prefilled in turn), moved out by however much
+its own send times and the deadlines it set: the engine is taken as busy with them since, each prefilled in turn as
+the gate allows), moved out by however much
 its first finish is overdue (a request still in flight has not finished), and never sooner than the new request alone
 from now
     else 429 "overloaded", Retry-After = ceil((predicted - deadline) / 1 s) (>= 1)   [policy.reject=True]
@@ -47,7 +57,9 @@ requests already joining, the new request r at budget b and the requests queued 
     budget(r)   = max{ b in levels : feasible(b) }                 (levels: the grid within [floor, ceiling])
 
 the highest budget that meets r's deadline without making anyone behind or beside it miss a deadline they would have
-met had r run at the floor. When even the floor misses r's deadline: refused with 429 "deadline_exceeded" at once,
+met had r run at the floor. The play applies the gate with r's deadline on r's slot, so the choice may be to wait a
+step (Choice.now False: r stays first in line, and the replica asks again after the next decode), when waiting gives
+a higher budget in time than being prefilled now at a lower one. When even the floor misses r's deadline: refused with 429 "deadline_exceeded" at once,
 never computed (reject=True), or run at the floor anyway (reject=False: bounded queues, served late). The choice is
 monotone: more work ahead or a tighter deadline never gives a higher budget, and an idle replica gives the ceiling
 to any request that can meet its deadline at the ceiling (no state survives a burst: budgets are back at full as soon
@@ -229,31 +241,66 @@ class Slot:
     running: bool = False
 
 
-def simulate(p: LatencyProfile, now: float, slots: list[Slot], kappa: float = 1.0) -> list[float]:
-    """Each slot's predicted finish (ms) when the engine plays forward from `now`: running slots decode; waiting ones
-    (FIFO, in list order) take free rows, each prefilled alone (its first token), then decode with the others."""
-    finish = [now] * len(slots)
+def may_prefill(p: LatencyProfile, t: float, rows: list, budget: float, tokens: int, kappa: float = 1.0) -> bool:
+    """The engine's gate (`simulate` and the replica apply the same one): may a waiting request at this budget be
+    prefilled at time t, before the running rows' next decode step? rows: (budget, tokens left, deadline or None).
+    No: when some row would still meet its deadline if its remaining steps ran now, but not after this prefill (and,
+    when the request stays on as a row, with its share in every step). A row late anyway holds nobody back, and
+    neither does a row without a deadline. Without it a server that prefills whatever waits stalls its running rows
+    for as long as requests keep arriving: under overload a request's second token waited for seven others' prefills
+    (up to max_batch_size), which no prediction made at its join could see."""
+    if not rows:
+        return True
+    now_step = kappa * step_ms(p, [r[0] for r in rows])
+    with_step = kappa * step_ms(p, [r[0] for r in rows] + ([budget] if tokens > 1 else []))
+    pre = kappa * prefill_ms(p, budget)
+    for _, left, deadline in rows:
+        if deadline is None:
+            continue
+        if t + left * now_step <= deadline + EPS and t + pre + left * with_step > deadline + EPS:
+            return False
+    return True
+
+
+def play(p: LatencyProfile, now: float, slots: list[Slot], kappa: float = 1.0) -> tuple[list[float], list[int]]:
+    """`simulate`, and for each slot the number of decode steps the engine runs before its prefill (0 for one that
+    already runs): a waiting slot with 0 (no rows running) or 1 (after the next step's decode) is prefilled by the
+    engine's next step."""
+    finish, steps = [now] * len(slots), [0] * len(slots)
     rows = [[s.budget, s.tokens, i] for i, s in enumerate(slots) if s.running and s.tokens > 0]
     queue = deque(i for i, s in enumerate(slots) if not s.running)
-    B, t = p.max_batch_size, now
+    B, t, n = p.max_batch_size, now, 0
     while rows or queue:
+        if rows:  # an engine step decodes its running rows first, then prefills waiting requests
+            # steps until the next row leaves (the composition is constant until then), or one when a waiting request
+            # may join after it
+            k = 1 if queue and len(rows) < B else min(r[1] for r in rows)
+            t += k * kappa * step_ms(p, [r[0] for r in rows])
+            n += k
+            for r in rows:
+                r[1] -= k
+                if r[1] == 0:
+                    finish[r[2]] = t
+            rows = [r for r in rows if r[1] > 0]
         while queue and len(rows) < B:
+            s = slots[queue[0]]
+            if not may_prefill(p, t, [(r[0], r[1], slots[r[2]].deadline) for r in rows], s.budget, s.tokens, kappa):
+                break  # it waits for the next decode step
             i = queue.popleft()
-            t += kappa * prefill_ms(p, slots[i].budget)
-            if slots[i].tokens <= 1:
+            steps[i] = n
+            t += kappa * prefill_ms(p, s.budget)
+            if s.tokens <= 1:
                 finish[i] = t
             else:
-                rows.append([slots[i].budget, slots[i].tokens - 1, i])
-        if not rows:
-            continue
-        k = min(r[1] for r in rows)  # steps until the next row leaves: the composition is constant until then
-        t += k * kappa * step_ms(p, [r[0] for r in rows])
-        for r in rows:
-            r[1] -= k
-            if r[1] == 0:
-                finish[r[2]] = t
-        rows = [r for r in rows if r[1] > 0]
-    return finish
+                rows.append([s.budget, s.tokens - 1, i])
+    return finish, steps
+
+
+def simulate(p: LatencyProfile, now: float, slots: list[Slot], kappa: float = 1.0) -> list[float]:
+    """Each slot's predicted finish (ms) when the engine plays forward from `now`, step by step as it runs: each step
+    decodes one token of every running slot, then prefills waiting ones (FIFO, in list order) alone, one by one, while
+    a row is free and `may_prefill` lets them (a prefill gives a request its first token)."""
+    return play(p, now, slots, kappa)[0]
 
 
 def levels(profile: LatencyProfile, cfg: PolicyConfig) -> list[float]:
@@ -267,6 +314,7 @@ class Choice:
     budget: float  # the budget to run at
     feasible: bool  # False: even the floor misses the request's deadline
     predicted: float  # the request's predicted finish at that budget (ms, the caller's clock)
+    now: bool = True  # the engine's next step prefills it; False: the gate holds it back a step (it stays queued)
 
 
 def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[Slot], new: Slot,
@@ -276,20 +324,22 @@ def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[
     lv = levels(p, cfg)
     me = len(ahead)
 
-    def run(b):  # the newcomer's own deadline is checked apart (from `new`), so its slot carries none
-        slots = [*ahead, Slot(b, new.tokens), *[Slot(lv[0], s.tokens, s.deadline) for s in behind]]
-        fin = simulate(p, now, slots, kappa)
-        late = {i for i, s in enumerate(slots) if i != me and s.deadline is not None and fin[i] > s.deadline + EPS}
-        return fin[me], late
+    first = 1 if any(s.running and s.tokens > 0 for s in ahead) else 0  # decode steps before the next prefills
 
-    at_floor, late_floor = run(lv[0])
+    def run(b):  # the newcomer's deadline decides apart (from `new`); in the play it is a row the gate protects
+        slots = [*ahead, Slot(b, new.tokens, new.deadline), *[Slot(lv[0], s.tokens, s.deadline) for s in behind]]
+        fin, steps = play(p, now, slots, kappa)
+        late = {i for i, s in enumerate(slots) if i != me and s.deadline is not None and fin[i] > s.deadline + EPS}
+        return fin[me], late, steps[me] <= first
+
+    at_floor, late_floor, now_floor = run(lv[0])
     if new.deadline is not None and at_floor > new.deadline + EPS:
-        return Choice(lv[0], False, at_floor)
+        return Choice(lv[0], False, at_floor, now_floor)
     for b in reversed(lv[1:]):
-        fin, late = run(b)
+        fin, late, joins = run(b)
         if (new.deadline is None or fin <= new.deadline + EPS) and late <= late_floor:
-            return Choice(b, True, fin)
-    return Choice(lv[0], True, at_floor)  # the floor meets the deadline (above) and makes nobody newly late
+            return Choice(b, True, fin, joins)
+    return Choice(lv[0], True, at_floor, now_floor)  # the floor meets the deadline (above), makes nobody newly late
 
 
 def share(inflight: list, replicas: int) -> list:
@@ -301,14 +351,16 @@ def share(inflight: list, replicas: int) -> list:
 
 def _played(p: LatencyProfile, floor: float, now: float, mine: list, extra: list[Slot], kappa: float):
     """A replica's share of the in-flight requests played forward, then `extra` behind them: the predicted finishes
-    of mine + extra. An entry is (predicted tokens, ms it was sent) or a bare token count (sent now). The edge does not
+    of mine + extra. An entry is (predicted tokens, ms it was sent[, its deadline]) or a bare token count (sent now,
+    no deadline); deadlines let the play apply the engine's gate (`may_prefill`) as the replica will. The edge does not
     see a replica's progress, only when it sent each request, so its engine is taken as busy with the share since the
     oldest was sent: all waiting then, FIFO, each prefilled alone when a row frees, all at the floor. None of them has
     finished (they are still in flight), so when the first is predicted done before now the engine is behind by at
     least that much, and every finish moves out by it."""
-    ent = [(e, now) if isinstance(e, int) else (int(e[0]), float(e[1])) for e in mine]
-    start = min([now, *(sent for _, sent in ent)])
-    fin = simulate(p, start, [Slot(floor, t) for t, _ in ent] + extra, kappa)
+    ent = [(e, now, None) if isinstance(e, int) else (int(e[0]), float(e[1]), e[2] if len(e) > 2 else None)
+           for e in mine]  # fmt: skip
+    start = min([now, *(sent for _, sent, _ in ent)])
+    fin = simulate(p, start, [Slot(floor, t, d) for t, _, d in ent] + extra, kappa)
     lag = max(0.0, now - min(fin[: len(ent)])) if ent else 0.0
     return [f + lag for f in fin]
 

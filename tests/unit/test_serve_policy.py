@@ -14,7 +14,7 @@ from PIL import Image
 from serve.autoscaling import OfferedRate, offered_demand_policy
 from serve.policy import (
     EPS, LENGTH_MIN_SAMPLES, Choice, LatencyProfile, LengthModel, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
-    choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, predicted_step_ms, prefill_ms, share, simulate, step_ms,
+    choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, may_prefill, play, predicted_step_ms, prefill_ms, share, simulate, step_ms,
     update_contention,
 )  # fmt: skip
 from serve.protocol import APIError, Limits, check_image_url, decode_data_url, host_allowed, parse_request, validate_request
@@ -46,8 +46,9 @@ def test_simulate_plays_the_engine_forward_by_hand():
     assert simulate(p, 0, [Slot(0.5, 2), Slot(0.5, 2)]) == [1.5 * U, 1.5 * U]  # two prefills, one shared step
     # a third waits for a row: both leave at 1.5, then its prefill (0.5) and its step (0.5)
     assert simulate(p, 0, [Slot(0.5, 2), Slot(0.5, 2), Slot(0.5, 2)]) == [1.5 * U, 1.5 * U, 2.5 * U]
-    # a running row with 3 steps left beside a newcomer of 2 tokens: the step costs the rows' mean
-    assert simulate(p, 10, [Slot(1.0, 3, running=True), Slot(0.5, 2)]) == [10 + 3.25 * U, 10 + 1.25 * U]
+    # a running row with 3 steps left beside a newcomer of 2 tokens: the engine's step decodes the row first (to 1),
+    # then prefills the newcomer (to 1.5); a shared step costs the rows' mean (0.75, to 2.25), the row's last alone
+    assert simulate(p, 10, [Slot(1.0, 3, running=True), Slot(0.5, 2)]) == [10 + 3.25 * U, 10 + 2.25 * U]
     assert simulate(p, 0, [Slot(1.0, 1)]) == [U]  # one token: its prefill gives it
     assert simulate(p, 0, [Slot(1.0, 2)], kappa=2.0) == [4 * U]  # contention scales engine compute
 
@@ -189,11 +190,42 @@ def test_a_burst_lowers_the_budgets_of_those_ahead_so_the_ones_behind_meet_their
 def test_a_request_is_not_raised_at_the_cost_of_one_beside_it():
     p = units(B=2)
     running = Slot(0.5, 3, 2.2 * U, running=True)  # 3 steps left at 0.5: alone it ends at 1.5
-    # alone, the newcomer could run at 1.0 (finish 2 + ...), but then the running row would end after 2.2 units
+    # with time to spare the newcomer waits for the row to finish (1.5), then runs at the ceiling: 2.5 and 3.5
     c = choose_budget(p, CFG, 0, [running], Slot(0, 2, 10 * U), [])
-    fin = simulate(p, 0, [running, Slot(c.budget, 2)])
-    assert fin[0] <= 2.2 * U and c.budget < 1.0
-    assert simulate(p, 0, [running, Slot(1.0, 2)])[0] > 2.2 * U
+    assert c == Choice(1.0, True, 3.5 * U, now=False)
+    # due at 2 it cannot wait: the row decodes (to 0.5), the newcomer's prefill at the floor (to 1) and a shared
+    # step (to 1.5) leave the row its last step by 2.0; at 0.625 the gate would see the row miss 2.2
+    c = choose_budget(p, CFG, 0, [running], Slot(0, 2, 2 * U), [])
+    assert c == Choice(0.5, True, 1.5 * U, now=True)
+    for b, due in ((1.0, 10 * U), (0.5, 2 * U)):
+        assert simulate(p, 0, [running, Slot(b, 2, due)])[0] <= 2.2 * U
+
+
+def test_the_gate_holds_a_prefill_back_only_for_a_row_it_would_make_late():
+    p = units(B=2)
+    # one row at 1.0 with 2 steps left: now it ends at 2. After a prefill at 0.5 of a request that stays on as a
+    # row it ends at 0.5 + 2 * 0.75 (the steps cost the rows' mean) = 2; of a one-token request at 0.5 + 2 * 1 = 2.5
+    assert may_prefill(p, 0, [(1.0, 2, 3 * U)], 0.5, 2) is True
+    assert may_prefill(p, 0, [(1.0, 2, 2 * U)], 0.5, 2) is True  # exactly in time after it
+    assert may_prefill(p, 0, [(1.0, 2, 2 * U)], 0.5, 1) is False  # in time now (2.0), late after it (2.5)
+    assert may_prefill(p, 0, [(1.0, 2, 2.5 * U)], 0.5, 1) is True
+    assert may_prefill(p, 0, [(1.0, 2, 2.5 * U)], 1.0, 2) is False  # at 1.0: 1 + 2 * 1 = 3
+    assert may_prefill(p, 0, [(1.0, 2, 1.9 * U)], 1.0, 2) is True  # 2 > 1.9: late anyway, it holds nobody back
+    assert may_prefill(p, 0, [(1.0, 2, None)], 0.5, 2) is True and may_prefill(p, 0, [], 1.0, 2) is True
+    assert may_prefill(p, 0, [(1.0, 2, 2.5 * U)], 0.5, 1, kappa=2.0) is True  # late anyway at twice the cost
+
+
+def test_under_overload_running_rows_keep_their_deadlines_while_newcomers_wait():
+    """The failure the gate fixes: a row one token from done, B = 8, five requests arrive behind it. Without
+    deadlines each is prefilled before the row's next step; with them the row steps first and the rest follow."""
+    p = LatencyProfile(GRID, 8, [U] * 5, [0.2 * U] * 5, [0.4 * U] * 5, source="config")
+    row, queue = Slot(1.0, 1, 1.0 * U, running=True), [Slot(1.0, 2, 20 * U) for _ in range(5)]
+    assert simulate(p, 0, [Slot(1.0, 1, running=True)] + queue)[0] == 0.2 * U  # the decode comes first anyway
+    row2 = Slot(1.0, 2, 1.0 * U, running=True)  # two tokens left: the second waits for prefills without the gate
+    assert simulate(p, 0, [Slot(1.0, 2, running=True)] + queue)[0] == pytest.approx(5.2 * U + decode_ms(p, 1.0, 6))
+    fin, steps = play(p, 0, [row2] + queue)
+    assert fin[0] == pytest.approx(0.4 * U) and steps[1:] == [2] * 5  # two steps, then the five prefills
+    assert play(p, 0, [row] + queue)[1][1:] == [1] * 5
 
 
 def test_someone_late_anyway_does_not_hold_the_budget_down():
@@ -333,6 +365,18 @@ def test_the_edge_credits_the_time_since_a_request_was_sent_and_no_more_than_it_
     assert drain_ms(p, CFG, 5 * U, sent, 1) == 0.0
     # a request sent before the others starts the clock for the whole share
     assert edge_finish_ms(p, CFG, 1 * U, [(2, 0.0), 2], 1, 2) == 2.5 * U
+
+
+def test_the_edge_plays_the_engines_gate_with_the_deadlines_it_set():
+    p = units(B=2)
+    sent = [(2, 0.0), (2, 0.0), (2, 0.0)]
+    # without deadlines: the first two prefilled (to 1) and stepped out (1.5), the third prefilled (2), the new one (2.5)
+    # and both stepped (3)
+    assert edge_finish_ms(p, CFG, 0, sent, 1, 2) == 3 * U
+    # the first is due at 1.2: the second's prefill would make it late (1.5), so it steps out alone first (1); the
+    # second and third are prefilled (2), stepped out (2.5), and the new one follows alone: prefill 3, step 3.5
+    due = [(2, 0.0, 1.2 * U), (2, 0.0, 10 * U), (2, 0.0, 10 * U)]
+    assert edge_finish_ms(p, CFG, 0, due, 1, 2) == 3.5 * U
 
 
 # ---------------------------------------------------------------------------------------------------------- contention
