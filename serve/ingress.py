@@ -87,9 +87,9 @@ class OpenAIServer:
         self.profile: LatencyProfile | None = None
         self._decode_slots: asyncio.Semaphore | None = None
         # admission state, exact and local: requests sent to the model and not finished (id -> (predicted tokens,
-        # ms sent), in send order), the live replicas and the contention factor (both piggybacked on responses), offered requests,
-        # and the lengths of the completions seen here (serve.policy.LengthModel)
-        self.inflight: dict[str, tuple[int, float]] = {}
+        # ms sent, deadline in ms), in send order), the live replicas and the contention factor (both piggybacked on
+        # responses), offered requests, and the lengths of the completions seen here (serve.policy.LengthModel)
+        self.inflight: dict[str, tuple[int, float, float]] = {}
         self.replicas, self.kappa, self.offered = 1, 1.0, 0
         self.lengths = LengthModel(cfg.policy)
 
@@ -161,7 +161,7 @@ class OpenAIServer:
             raise overloaded(f"overloaded: even the lowest budget ({policy.floor:g}) cannot meet this request's "
                              f"{deadline_ms:g} ms deadline behind the {len(inflight)} requests in flight; retry after "
                              f"{retry} s", retry)  # fmt: skip
-        self.inflight[rid] = (tokens, now)
+        self.inflight[rid] = (tokens, now, t0 * 1000 + deadline_ms)
         return deadline_ms
 
     async def _load_image(self, url: str, param: str):

@@ -7,8 +7,10 @@ max_batch_size + max_queued_requests, so at most max_queued_requests wait for a 
 pending requests into the engine while it has free rows, choosing each one's budget at that moment from deadlines
 (serve.policy.choose_budget, SlackFit: the highest budget that meets its deadline and makes nobody running, joining or
 waiting behind it late), or refusing it with 429 "deadline_exceeded" when even the floor cannot meet its deadline any
-more (policy.reject; never computed); then it runs one engine step (one token for every running request, the prefill
-of those joining) and hands each token to its request's asyncio queue. A request leaves the running batch at EOS, at
+more (policy.reject; never computed), or holding the first in line (and so everyone behind it) for one step when its
+prefill now would make a running row miss its deadline (serve.policy.may_prefill, counted in info()["held"]); then it
+runs one engine step (one token for every running request, then the prefill of those joining) and hands each token to
+its request's asyncio queue. A request leaves the running batch at EOS, at
 its max_tokens, at a stop string (matched on the event loop, which cancels it in the engine) or when its client goes
 away; the next waiting request takes its row at the next step. Nobody waits for the longest request of a batch.
 
@@ -146,7 +148,8 @@ class AdaLlavaModel:
         self.lengths = LengthModel(cfg.policy)  # tokens per request, learned from the completions (serve.policy)
         self.offered = OfferedRate(cfg.look_back_period_s)
         self.paused, self.clock_offset_s = False, 0.0  # test hooks (fault_injection)
-        self.joined = self.refused_deadline = 0  # requests handed to the engine / refused at their turn
+        # requests handed to the engine / refused at their turn / times the first in line was held back a step
+        self.joined = self.refused_deadline = self.held = 0
         self.engine = Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         self._make_engine = lambda: Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         # admitted, waiting for a row (appended on the loop, taken by the thread); Serve's max_ongoing_requests bounds
@@ -327,7 +330,7 @@ class AdaLlavaModel:
         return {"model_name": self.cfg.model_name, "budget_range": list(self.budget_range), "grid": self.grid,
                 "profile": self.profile.to_dict(), "replica": self.replica_id, "load": self.load_info(),
                 "contention": self.kappa, "max_context": self.max_context, "paused": self.paused,
-                "joined": self.joined, "refused_deadline": self.refused_deadline,
+                "joined": self.joined, "refused_deadline": self.refused_deadline, "held": self.held,
                 **self.model_facts()}  # fmt: skip
 
     # ---- issue 14 (playground) begin: what a client needs to draw plans, and the opt-in attention map
@@ -538,10 +541,12 @@ class AdaLlavaModel:
             self.wakeup.clear()
             return
         while self.pending and engine.num_running + engine.num_waiting < engine.max_batch_size:
-            live = self.pending.popleft()
-            if live.gone:
+            if self.pending[0].gone:
+                self.pending.popleft()
                 continue
-            self._join(live)
+            if not self._join(self.pending[0]):
+                break  # the gate holds it (and, FIFO, everyone behind it) until after this step's decode
+            self.pending.popleft()
         if not engine.has_work:
             self.wakeup.wait(timeout=0.5)
             self.wakeup.clear()
@@ -583,15 +588,18 @@ class AdaLlavaModel:
             self.m_contention.set(self.kappa)
             self._acc = (0.0, 0.0, 0)
 
-    def _join(self, live: _Live):
+    def _join(self, live: _Live) -> bool:
         """Choose the request's budget now, from deadlines (SlackFit), or refuse it when even the floor is too late;
-        then hand it to the engine."""
+        then hand it to the engine. False: it stays first in line, because at its budget the engine's gate
+        (serve.policy.may_prefill) holds its prefill back until a running row has stepped (choose_budget plays that
+        wait, and it found that waiting gives the higher budget in time); True: it left the line (joined or refused)."""
         job, engine, policy = live.job, self.engine, self.cfg.policy
         expect, left = self.lengths.expect, self.lengths.remaining  # predicted tokens (max_tokens until some were seen)
         ahead = [Slot(r.req.budget, left(r.req.max_new_tokens, len(r.tokens)), self._deadline(r.req.request_id), True)
                  for r in engine.running]  # fmt: skip
         ahead += [Slot(r.budget, expect(r.max_new_tokens), self._deadline(r.request_id)) for r in engine.waiting]
-        behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in self.pending if not w.gone]
+        behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in self.pending
+                  if not w.gone and w is not live]  # fmt: skip
         # nobody ahead or behind: while no lengths are known, predicted at one token (serve.policy.LengthModel)
         new = Slot(0.0, expect(job.max_tokens, alone=not ahead and not behind), live.deadline_ms)
         choice = choose_budget(self.profile, policy, self.now_ms(), ahead, new, behind, self.kappa)
@@ -604,7 +612,10 @@ class AdaLlavaModel:
                    f"retry after {retry} s")  # fmt: skip
             live.put(self._error(APIError(429, msg, code="deadline_exceeded", type="rate_limit_error",
                                           headers={"Retry-After": str(retry)})))  # fmt: skip
-            return
+            return True
+        if not choice.now:
+            self.held += 1
+            return False
         live.server_budget = choice.budget
         live.budget = apply_caps(live.server_budget, job.budget_cap)
         live.request.budget = live.budget
@@ -618,14 +629,15 @@ class AdaLlavaModel:
                 logger.exception(f"{job.request_id}: adallava.attention failed")
                 live.put({"type": "error", "status": 500, "headers": {},
                           "body": error_body(f"adallava.attention could not be computed ({type(e).__name__})")})
-                return
+                return True
         try:
             self.engine.add(live.request)
         except ValueError as e:  # refused by the engine: this request alone fails
             live.put(self._error(bad_request(f"the request could not be run: {e}", code="invalid_request")))
-            return
+            return True
         self.joined += 1
         self.live[job.request_id] = live
+        return True
 
     def _deadline(self, request_id: str) -> float | None:
         live = self.live.get(request_id)

@@ -3,7 +3,8 @@ whose costs are units of 1000 s (the real model answers in milliseconds, and the
 after 125 s of real time, so decisions depend on counts, never on this machine's speed or load), the engine held by the test-only pause (fault_injection) while requests queue, and the replica's
 deadline clock moved by the test-only advance_clock. Checked: a fresh replica serves at full budget; a burst lowers
 budgets before any 429; past the bound a 429 + Retry-After comes from the ingress without touching the model; an expired
-request is refused at its turn, never computed; afterwards the budget is full again at once."""
+request is refused at its turn, never computed; afterwards the budget is full again at once; a newcomer whose prefill
+would make a running row miss its deadline waits a step."""
 
 import concurrent.futures as cf
 import socket
@@ -140,6 +141,41 @@ def test_an_expired_request_is_refused_at_its_turn_not_computed(server):
     # the queue is empty again: the next request runs at full budget at once (no state survives the refusal)
     status, body, _ = ask(server["url"])
     assert status == 200 and body["adallava"]["budget"] == 1.0
+
+
+def ask_by(url, latency_units):
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Describe it"}],
+                                                 "max_tokens": 2, "latency_ms": latency_units * U})  # fmt: skip
+        return r.status_code, r.json()
+
+
+def test_a_newcomer_waits_a_step_rather_than_stall_a_row_due_soon(server):
+    """A (due at 2 units) and B (the SLO, 3.5) wait, then the engine runs; both join before its next step. A cannot
+    take 1.0 (prefill 1 + one step 1 = 2 units, and some milliseconds have passed since it was sent): 0.875, done at
+    1.75. Prefilling B at once, at any budget down to the floor, would make A late (0.875 + 0.5 + a shared step of
+    0.6875 > 2), so the engine's gate (serve.policy.may_prefill) holds B back for one step; without it B would have
+    been prefilled at 1.0 and A answered late. B joins once A has stepped, with the time it then has: full budget."""
+    model = server["model"]
+    state = info(server)
+    before, held = state["joined"], state["held"]
+    model.pause_engine.remote(True).result()
+    with cf.ThreadPoolExecutor(2) as ex:
+        try:
+            a = ex.submit(ask_by, server["url"], 2.0)
+            wait_for(server, lambda s: s["load"]["waiting"] == 1)
+            b = ex.submit(ask_by, server["url"], 3.5)
+            wait_for(server, lambda s: s["load"]["waiting"] == 2)
+            model.pause_engine.remote(False).result()
+            (sa, ba), (sb, bb) = a.result(), b.result()
+        finally:
+            model.pause_engine.remote(False).result()
+    assert (sa, sb) == (200, 200), (ba, bb)
+    assert ba["adallava"]["budget"] == 0.875 and bb["adallava"]["budget"] == 1.0
+    state = info(server)
+    assert state["held"] == held + 1 and state["joined"] == before + 2
 
 
 def test_the_replica_reports_its_capacity_at_full_budget_to_the_autoscaler(server):
