@@ -388,11 +388,16 @@ def evaluate_targets(cells: dict, slo_ms: float, recovery_s, stderr_full_05=None
 
 def merge_results(existing: dict | None, preset: str, run: dict) -> dict:
     """The JSON file holds one run per preset; the headline is the smol run's, else a provisional one (tiny's or the
-    only preset's). A file in the previous design's shape (no "presets") is kept under "previous_design"."""
+    only preset's). A file in the previous design's shape (no "presets") is kept under "previous_design", and a run
+    this one replaces under "earlier_runs"[preset] (oldest first), so a rerun after a fix can be read beside the one
+    that showed the defect."""
     doc = dict(existing or {})
     if doc and "presets" not in doc:
         doc = {"previous_design": doc}
-    doc.setdefault("presets", {})[preset] = run
+    presets = doc.setdefault("presets", {})
+    if preset in presets:
+        doc.setdefault("earlier_runs", {}).setdefault(preset, []).append(presets[preset])
+    presets[preset] = run
     lead = "smol" if "smol" in doc["presets"] else ("tiny" if "tiny" in doc["presets"] else preset)
     r = doc["presets"][lead]
     doc["headline"] = assemble_headline(lead, r["config"]["slo_ms"], r["cells"], provisional=lead != "smol")

@@ -277,8 +277,10 @@ def test_merge_keeps_other_presets_and_prefers_smol_for_the_headline():
     assert set(doc["presets"]) == {"tiny", "smol"}
     assert doc["headline"]["preset"] == "smol" and doc["headline"]["slo_ms"] == 1500.0
     assert doc["headline"]["effective_accuracy"]["load_aware"] == 0.5 and "provisional" not in doc["headline"]
-    doc = b.merge_results(doc, "tiny", run_tiny)  # a later tiny run does not take the headline from smol
+    run_tiny2 = {"config": {"slo_ms": 900.0}, "cells": cells(la=0.2)}
+    doc = b.merge_results(doc, "tiny", run_tiny2)  # a later tiny run does not take the headline from smol
     assert doc["headline"]["preset"] == "smol"
+    assert doc["presets"]["tiny"] == run_tiny2 and doc["earlier_runs"] == {"tiny": [run_tiny]}  # kept, not lost
 
 
 # ---- the load client against a stub server on loopback (records, not timing)
