@@ -32,7 +32,8 @@ What it does, in order (every step is printed, everything lands in the JSON):
 5. Step run on load_aware: 1x -> 2x -> 1x (`--step-phase-s` each), per-second offered/served/429s/budget/latency, and
    the recovery time: seconds from the drop back to 1x until the per-second mean budget of served answers reaches
    ceiling - 0.05 and stays there to the end of the run (target: 10 s; undecided when budgets never fell in the 2x
-   phase, since then nothing had to recover).
+   phase, since then nothing had to recover). Beside it, the share of seconds at full budget in each phase
+   (`full_share`): 1x is C(1.0), so Poisson bursts lower budgets now and then before the step as well.
 
 Metrics per cell (`summarize_cell`): offered, served, refused by code, unanswered, p50/p95/p99 of admitted (served)
 requests, SLO attainment = answers (200) within the SLO / offered, mean budget of served answers, accuracy of served
@@ -304,6 +305,17 @@ def recovery_time(rows, t_drop: float, ceiling: float, tol: float = 0.05):
         else:
             start = None
     return None if start is None else start - t_drop
+
+
+def full_share(rows, start: float, end: float, ceiling: float, tol: float = 0.05):
+    """Share of the seconds in [start, end) with served answers whose mean budget is >= ceiling - tol, and how many
+    such seconds there were: (share, seconds), share None when no second in the window served anything. Read beside
+    the recovery time: at 1x = C(1.0) Poisson bursts lower budgets now and then before the step too, so the 1x phase
+    before the 2x one is the level the one after it can return to."""
+    served = [r for r in rows if start <= r["t"] < end and r["mean_budget"] is not None]
+    if not served:
+        return None, 0
+    return sum(1 for r in served if r["mean_budget"] >= ceiling - tol) / len(served), len(served)
 
 
 def server_args(variant, opts: dict, config_fields: set, policy_fields: set, limits_fields: set):
@@ -905,12 +917,21 @@ def measure(bench: Bench, a) -> dict:
         recovery = recovery_time(rows, 2 * ph, ceiling)
         exercised = any(r["mean_budget"] is not None and r["mean_budget"] < ceiling - 0.05
                         for r in rows if ph <= r["t"] < 2 * ph)  # fmt: skip
+        windows = {"1x_before": (0, ph), "2x": (ph, 2 * ph), "1x_after": (2 * ph, 3.5 * ph),
+                   "1x_after_from_10s": (2 * ph + 10, 3.5 * ph)}
+        shares = {}
+        for name, (lo, hi) in windows.items():
+            share, n = full_share(rows, lo, hi, ceiling)
+            shares[name] = {"share": share, "seconds_with_answers": n}
         res["step"] = {"phases": phases, "per_second": rows, "recovery_s": recovery, "loadavg": os.getloadavg(),
-                       "budgets_fell_in_2x": exercised,
+                       "budgets_fell_in_2x": exercised, "full_budget_share": shares,
                        "definition": "per-second mean budget of served answers (by scheduled arrival) >= ceiling - "
                                      "0.05 from then on"}  # fmt: skip
         print(f"step 1x -> 2x -> 1x: budgets back to full {recovery if recovery is not None else 'never'} s after the "
               f"drop (target 10 s)", flush=True)  # fmt: skip
+        print("  seconds at full budget (mean budget >= ceiling - 0.05, of seconds with answers): "
+              + ", ".join(f"{k} {_f(v['share'], 2)} of {v['seconds_with_answers']}" for k, v in shares.items()),
+              flush=True)  # fmt: skip
     se = None
     fq = res["cells"].get("full_queue", {}).get("0.5", {}).get("spread", {})
     p = fq.get("effective_accuracy", {}).get("median")

@@ -179,6 +179,18 @@ def test_per_second_rows_and_recovery_time():
     assert b.recovery_time(low, t_drop=2.0, ceiling=1.0) is None
 
 
+def test_full_share_counts_seconds_at_full_budget_per_window():
+    recs = []
+    for sec, budget in enumerate([1.0, 0.8, None, 1.0, 0.97, 0.5]):
+        if budget is not None:
+            recs.append(rec(budget=budget, t_sched=sec + 0.2))
+    rows = b.per_second(recs, 6.0)
+    assert b.full_share(rows, 0, 3, ceiling=1.0) == (0.5, 2)  # the second without answers is left out
+    assert b.full_share(rows, 3, 6, ceiling=1.0) == (pytest.approx(2 / 3), 3)  # 0.97 is within the tolerance
+    assert b.full_share(rows, 3, 6, ceiling=1.0, tol=0.01) == (pytest.approx(1 / 3), 3)
+    assert b.full_share(rows, 2, 3, ceiling=1.0) == (None, 0)
+
+
 # ---- server args per variant
 CFG = {"model", "max_batch_size", "min_replicas", "max_replicas", "initial_replicas", "num_cpus"}
 POL = {"slo_ms", "floor", "ceiling", "reject", "tokens"}
