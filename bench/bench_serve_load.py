@@ -41,7 +41,8 @@ answers (adallava.data.score_answer, the scoring pipelines.evaluate uses), effec
 within the SLO / offered (refusals and unanswered count as failures), client lag = when the client handed the request
 to its HTTP stack minus the scheduled arrival (a cell whose p99 lag passes a tenth of the SLO is flagged
 client_lagged), send_ms = headers on the wire minus scheduled and connect_ms = new TCP connections' set-up (both hold
-the server's accept delay too), and os.getloadavg() before and after the cell.
+the server's accept delay too), os.getloadavg() before and after the cell, and the model replica's counters
+(`engine`: requests joined, refused at their turn, steps the first in line was held back by the prefill gate).
 
 SuperServe's two figures (`superserve_figures`), per load multiple, from the median over repeats of each cell:
 - the static frontier at that load is the upper envelope of the static variants' points (SLO attainment s, served
@@ -661,6 +662,15 @@ class Bench:
         serve.run(build_app(args), name="adallava", route_prefix="/")
         return args
 
+    def engine_counters(self) -> dict:
+        """The model replica's own counters since this deployment started (warm-up arrivals included): requests
+        handed to the engine, refused at their turn (deadline passed), and steps the first in line was held back by
+        the prefill gate. With several replicas this is one of them (the router picks), and says which."""
+        from ray import serve
+
+        info = serve.get_deployment_handle("AdaLlavaModel", app_name="adallava").info.remote().result()
+        return {k: info.get(k) for k in ("replica", "joined", "refused_deadline", "held")}
+
     def stop_server(self):
         import ray
         from ray import serve
@@ -880,6 +890,8 @@ def measure(bench: Bench, a) -> dict:
             recs, _ = bench.open_cell([(a.warmup_s + a.cell_s, rate)], cell_seed(a.seed, v, load, rep))
             counted = [r for r in recs if r["t_sched"] >= a.warmup_s]
             s = summarize_cell(counted, a.slo_ms, a.cell_s)
+            if not a.url:
+                s["engine"] = bench.engine_counters()
             lag99 = s["client_lag_ms"]["p99"]
             s.update({"repeat": rep, "rate_rps": rate, "loadavg": os.getloadavg(), "loadavg_before": load_before,
                       # the client fell behind its schedule by more than a tenth of the SLO: latencies stay honest
@@ -892,7 +904,8 @@ def measure(bench: Bench, a) -> dict:
                   f"SLO {_f(s['slo_attainment'])}"
                   f"  budget {_f(s['mean_budget'], 2)}  eff.acc {_f(s['effective_accuracy'])}  lag p99 "
                   f"{_f(s['client_lag_ms']['p99'], 1)} ms{' (client lagged)' if s['client_lagged'] else ''}  load "
-                  f"{s['loadavg'][0]:.2f}", flush=True)  # fmt: skip
+                  f"{s['loadavg'][0]:.2f}"
+                  + (f"  held {s['engine']['held']}" if s.get("engine") else ""), flush=True)  # fmt: skip
     for v, by in reps.items():
         res["cells"][v] = {x: {"repeats": rs, "spread": aggregate(rs)} for x, rs in by.items()}
     res["superserve"] = {}
@@ -925,6 +938,7 @@ def measure(bench: Bench, a) -> dict:
             shares[name] = {"share": share, "seconds_with_answers": n}
         res["step"] = {"phases": phases, "per_second": rows, "recovery_s": recovery, "loadavg": os.getloadavg(),
                        "budgets_fell_in_2x": exercised, "full_budget_share": shares,
+                       "engine": bench.engine_counters(),
                        "definition": "per-second mean budget of served answers (by scheduled arrival) >= ceiling - "
                                      "0.05 from then on"}  # fmt: skip
         print(f"step 1x -> 2x -> 1x: budgets back to full {recovery if recovery is not None else 'never'} s after the "
