@@ -176,15 +176,20 @@ def where_the_time_went(ok) -> dict:
     (adallava.latency_ms: total from the ingress's arrival, queue = arrival to taking a row, prefill, decode) and
     outside = the client's latency (from the scheduled arrival) minus the server's total: connection, proxy, the hop to
     the ingress and the way back, where no server clock runs. An admission that predicts well keeps queue + prefill +
-    decode within the deadline; a large outside share is time the server cannot see."""
-    parts: dict[str, list[float]] = {k: [] for k in ("total", "queue", "prefill", "decode", "outside")}
+    decode within the deadline; a large outside share is time the server cannot see. predicted = the total the
+    replica's join predicted (where the server reports it) and overrun = total - predicted per answer: the latency
+    model's error, positive when the engine ran slower than the play said."""
+    parts: dict[str, list[float]] = {k: [] for k in ("total", "queue", "prefill", "decode", "outside", "predicted",
+                                                     "overrun")}  # fmt: skip
     for r in ok:
         sl = r.get("server_latency") or {}
-        for k in ("total", "queue", "prefill", "decode"):
+        for k in ("total", "queue", "prefill", "decode", "predicted"):
             if isinstance(sl.get(k), (int, float)):
                 parts[k].append(float(sl[k]))
         if isinstance(sl.get("total"), (int, float)) and r.get("latency_ms") is not None:
             parts["outside"].append(r["latency_ms"] - float(sl["total"]))
+        if isinstance(sl.get("total"), (int, float)) and isinstance(sl.get("predicted"), (int, float)):
+            parts["overrun"].append(float(sl["total"]) - float(sl["predicted"]))
     return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95)} for k, v in parts.items()}
 
 

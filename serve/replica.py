@@ -107,6 +107,7 @@ class _Live:
     deadline_ms: float = math.inf  # absolute, in the replica's clock (ms)
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
+    predicted_ms: float | None = None  # the finish its join predicted, from arrival (ms): calibrates the latency model
     attention: dict | None = None  # issue 14: adallava.attention, computed in the engine thread when it joins
     gone: bool = False  # the client went away (or a stop string ended it) before it joined
 
@@ -509,6 +510,9 @@ class AdaLlavaModel:
                 "latency_ms": {"total": round(total_ms, 2), "queue": round((live.t_join - job.t_ingress) * 1000, 2),
                                "prefill": round(fin.prefill_s * 1000, 2),
                                "decode": round((now - live.t_join) * 1000 - fin.prefill_s * 1000, 2),
+                               # what the join predicted for total (the play at that budget, from arrival): the
+                               # latency model's calibration, read beside total
+                               "predicted": None if live.predicted_ms is None else round(live.predicted_ms, 2),
                                "time_to_first_token": None if t_first is None else round((t_first - job.t_ingress)
                                                                                          * 1000, 2)},
                 "load": self.load_info(), "batch_size": live.batch_size, "engine_steps": steps,
@@ -617,6 +621,8 @@ class AdaLlavaModel:
             self.held += 1
             return False
         live.server_budget = choice.budget
+        if math.isfinite(live.deadline_ms):  # arrival = the absolute deadline minus the relative one (replica clock)
+            live.predicted_ms = choice.predicted - (live.deadline_ms - job.deadline_ms)
         live.budget = apply_caps(live.server_budget, job.budget_cap)
         live.request.budget = live.budget
         live.batch_size = self.engine.num_running + 1

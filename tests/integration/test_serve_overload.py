@@ -84,7 +84,9 @@ def test_a_fresh_replica_serves_at_full_budget(server, http):
     assert status == 200, body
     ada = body["adallava"]
     assert ada["budget"] == 1.0 and ada["budget_server"] == 1.0 and ada["deadline_ms"] == SLO
-    assert set(ada["latency_ms"]) >= {"total", "queue", "prefill", "decode", "server"}
+    assert set(ada["latency_ms"]) >= {"total", "queue", "prefill", "decode", "server", "predicted"}
+    # the join predicted it on time: within its deadline, and no sooner than the profile's prefill at 1.0 (one unit)
+    assert U <= ada["latency_ms"]["predicted"] <= SLO
     assert info(server)["profile"]["source"] == "config" and info(server)["contention"] == 1.0
 
 
