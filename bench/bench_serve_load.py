@@ -177,8 +177,9 @@ def where_the_time_went(ok) -> dict:
     outside = the client's latency (from the scheduled arrival) minus the server's total: connection, proxy, the hop to
     the ingress and the way back, where no server clock runs. An admission that predicts well keeps queue + prefill +
     decode within the deadline; a large outside share is time the server cannot see. predicted = the total the
-    replica's join predicted (where the server reports it) and overrun = total - predicted per answer: the latency
-    model's error, positive when the engine ran slower than the play said."""
+    replica's join predicted from the work present then (where the server reports it) and overrun = total -
+    predicted per answer: the prefills of requests that joined later (the gate allows them up to the deadline) plus
+    the latency model's error."""
     parts: dict[str, list[float]] = {k: [] for k in ("total", "queue", "prefill", "decode", "outside", "predicted",
                                                      "overrun")}  # fmt: skip
     for r in ok:

@@ -107,7 +107,7 @@ class _Live:
     deadline_ms: float = math.inf  # absolute, in the replica's clock (ms)
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
-    predicted_ms: float | None = None  # the finish its join predicted, from arrival (ms): calibrates the latency model
+    predicted_ms: float | None = None  # the finish its join predicted (work present then), from arrival (ms)
     attention: dict | None = None  # issue 14: adallava.attention, computed in the engine thread when it joins
     gone: bool = False  # the client went away (or a stop string ended it) before it joined
 
@@ -510,8 +510,8 @@ class AdaLlavaModel:
                 "latency_ms": {"total": round(total_ms, 2), "queue": round((live.t_join - job.t_ingress) * 1000, 2),
                                "prefill": round(fin.prefill_s * 1000, 2),
                                "decode": round((now - live.t_join) * 1000 - fin.prefill_s * 1000, 2),
-                               # what the join predicted for total (the play at that budget, from arrival): the
-                               # latency model's calibration, read beside total
+                               # what the join predicted for total (the play at that budget with the work present
+                               # then, from arrival); total - predicted = later joiners' prefills + the model's error
                                "predicted": None if live.predicted_ms is None else round(live.predicted_ms, 2),
                                "time_to_first_token": None if t_first is None else round((t_first - job.t_ingress)
                                                                                          * 1000, 2)},
