@@ -54,7 +54,7 @@ def registered(tmp_path_factory):
 
 def test_serve_from_a_registry_alias_answers_the_openai_client(registered, tmp_path):
     import httpx
-    from openai import OpenAI
+    import openai
 
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
@@ -76,9 +76,10 @@ def test_serve_from_a_registry_alias_answers_the_openai_client(registered, tmp_p
             time.sleep(1)
         else:
             pytest.fail(f"no healthy server after 600 polls: {(tmp_path / 'serve.log').read_text()[-3000:]}")
-        # no read deadline: the answer ends the wait (a slow machine takes longer, it does not fail)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                        timeout=httpx.Timeout(None))
+        # no read deadline: the answer ends the wait (a slow machine takes longer, it does not fail). openai.Timeout,
+        # not httpx.Timeout: openai 3.6x runs on httpx2, whose client refuses httpx's Timeout
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=openai.Timeout(None))
         assert [m.id for m in client.models.list().data] == ["adallava"]
         r = client.chat.completions.create(model="adallava", max_tokens=4, extra_body={"budget": 0.75},
                                            messages=[{"role": "user", "content": "What colour is the circle?"}])  # fmt: skip
