@@ -13,7 +13,8 @@ time. Here requests join and leave a running batch at decode-step boundaries, an
 
 One step = one decode step for every running request (one token each), then the prefill of waiting requests while
 there is room (up to max_batch_size running): each is prefilled alone (B = 1, as `generate` does for a batch of one),
-which fixes its plan and fills its own KV cache, and gives its first token. A request leaves at EOS, at its
+which fixes its plan and fills its own KV cache, and gives its first token. `step(on_event)` hands each event on as it
+happens (a server passes its tokens on then, not after the step's last prefill). A request leaves at EOS, at its
 max_new_tokens, or when the caller cancels it (a stop string, a client gone).
 
 KV caches live in pools, one per (layer, way of running that layer): the full layer, or one partial set of heads and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -202,17 +204,29 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ step
 
     @torch.no_grad()
-    def step(self) -> list[TokenEvent]:
-        """One decode step for every running request, then prefill waiting requests while there is room."""
+    def step(self, on_event: Callable[[TokenEvent], None] | None = None) -> list[TokenEvent]:
+        """One decode step for every running request, then prefill waiting requests while there is room.
+
+        on_event, when given, gets each event as soon as it exists: the running rows' tokens right after the decode,
+        before any prefill of this step, and each joining request's first token right after its own prefill. A server
+        that hands tokens on only when step() returns makes every token of a step wait for all of the step's prefills
+        (a 1-2 token answer then finishes up to max_batch_size - 1 prefills after its token exists). The events are
+        returned as well, in the same order."""
         events = self._decode() if self.running else []
+        if on_event is not None:
+            for ev in events:
+                on_event(ev)
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting.popleft()
             try:
-                events.append(self._join(req))
+                ev = self._join(req)
             except Exception as e:  # noqa: BLE001 - one request's bad input must not fail the batch beside it
                 fin = Finished(req.request_id, [], "error", None, None, None, None, None, 0, self.steps, self.steps,
                                0.0, error=f"{type(e).__name__}: {e}")  # fmt: skip
-                events.append(TokenEvent(req.request_id, None, finished=fin))
+                ev = TokenEvent(req.request_id, None, finished=fin)
+            events.append(ev)
+            if on_event is not None:
+                on_event(ev)
         self.steps += 1
         return events
 

@@ -51,7 +51,8 @@ from now
 and, whatever the policy, at most replicas * (max_batch_size + max_queued_requests) in flight: back-pressure beyond it.
 
 Budget at join (`choose_budget`, the replica's engine thread, when a request takes a row). With the rows running, the
-requests already joining, the new request r at budget b and the requests queued behind it at the floor:
+requests already joining, the new request r at budget b and the requests behind it at the floor the edge admitted
+them at (queued for a row, or still in preprocessing):
 
     feasible(b) = finish_b(r) <= deadline(r)  and  late_b(others) is a subset of late_floor(others)
     budget(r)   = max{ b in levels : feasible(b) }                 (levels: the grid within [floor, ceiling])

@@ -6,13 +6,15 @@ preprocessing thread and puts it in `pending`, which Serve bounds: the deploymen
 max_batch_size + max_queued_requests, so at most max_queued_requests wait for a row. The engine thread loops: it moves
 pending requests into the engine while it has free rows, choosing each one's budget at that moment from deadlines
 (serve.policy.choose_budget, SlackFit: the highest budget that meets its deadline and makes nobody running, joining or
-waiting behind it late), or refusing it with 429 "deadline_exceeded" when even the floor cannot meet its deadline any
+waiting behind it late; behind it count the requests waiting for a row and those still in preprocessing, at the floor
+the edge admitted them at), or refusing it with 429 "deadline_exceeded" when even the floor cannot meet its deadline any
 more (policy.reject; never computed), or holding the first in line (and so everyone behind it) for one step when its
 prefill now would make a running row miss its deadline (serve.policy.may_prefill, counted in info()["held"]); then it
 runs one engine step (one token for every running request, then the prefill of those joining) and hands each token to
-its request's asyncio queue. A request leaves the running batch at EOS, at
-its max_tokens, at a stop string (matched on the event loop, which cancels it in the engine) or when its client goes
-away; the next waiting request takes its row at the next step. Nobody waits for the longest request of a batch.
+its request's asyncio queue as soon as it exists (the decode's tokens before the step's prefills). A request leaves the
+running batch at EOS, at its max_tokens, at a stop string (matched on the event loop, which cancels it in the engine) or
+when its client goes away; the next waiting request takes its row at the next step. Nobody waits for the longest request
+of a batch.
 
 The latency profile (serve/policy.py's model) is a table given in config (`profile`), or the one cached for this
 hardware kind in `profile_cache` (CPU model / GPU name, torch threads, max_batch_size, the model's architecture), or
@@ -149,6 +151,8 @@ class AdaLlavaModel:
         self.lengths = LengthModel(cfg.policy)  # tokens per request, learned from the completions (serve.policy)
         self.offered = OfferedRate(cfg.look_back_period_s)
         self.paused, self.clock_offset_s = False, 0.0  # test hooks (fault_injection)
+        self.prep_open = threading.Event()  # test hook hold_preprocessing: cleared, the preprocessing thread waits
+        self.prep_open.set()
         # requests handed to the engine / refused at their turn / times the first in line was held back a step
         self.joined = self.refused_deadline = self.held = 0
         self.engine = Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
@@ -156,6 +160,8 @@ class AdaLlavaModel:
         # admitted, waiting for a row (appended on the loop, taken by the thread); Serve's max_ongoing_requests bounds
         # it to max_queued_requests beyond the running batch
         self.pending: deque[_Live] = deque()
+        # admitted and in (or waiting for) the preprocessing thread: (deadline in the replica's clock, max_tokens)
+        self.preparing: dict[object, tuple[float, int]] = {}
         self.live: dict[str, _Live] = {}  # in the engine
         self.cancels: deque[tuple[str, str]] = deque()  # (request id, reason) for the engine thread
         self.wakeup = threading.Event()
@@ -332,6 +338,7 @@ class AdaLlavaModel:
                 "profile": self.profile.to_dict(), "replica": self.replica_id, "load": self.load_info(),
                 "contention": self.kappa, "max_context": self.max_context, "paused": self.paused,
                 "joined": self.joined, "refused_deadline": self.refused_deadline, "held": self.held,
+                "preparing": len(self.preparing),
                 **self.model_facts()}  # fmt: skip
 
     # ---- issue 14 (playground) begin: what a client needs to draw plans, and the opt-in attention map
@@ -364,6 +371,15 @@ class AdaLlavaModel:
         self._test_hook("pause_engine")
         self.paused = paused
         self.wakeup.set()
+        return await self.info()
+
+    async def hold_preprocessing(self, held: bool = True) -> dict:
+        """Test hook: while held, admitted requests stay in (or waiting for) the preprocessing thread."""
+        self._test_hook("hold_preprocessing")
+        if held:
+            self.prep_open.clear()
+        else:
+            self.prep_open.set()
         return await self.info()
 
     async def advance_clock(self, seconds: float) -> float:
@@ -399,6 +415,9 @@ class AdaLlavaModel:
         self._ensure_reporter()
         self.offered.observe(time.monotonic(), job.offered)
         loop = asyncio.get_running_loop()
+        deadline = job.t_ingress * 1000 + job.deadline_ms + self.clock_offset_s * 1000  # replica clock (ms)
+        key = object()  # request ids are the client's to choose: two in preprocessing may share one
+        self.preparing[key] = (deadline, job.max_tokens)
         try:
             request = await loop.run_in_executor(self.prep, self._prepare, job)
         except APIError as e:
@@ -409,9 +428,11 @@ class AdaLlavaModel:
             yield self._error(bad_request(f"the request could not be preprocessed ({type(e).__name__})",
                                           code="invalid_request"))  # fmt: skip
             return
+        finally:
+            self.preparing.pop(key, None)
         self.ongoing += 1
         live = _Live(job, request, asyncio.Queue(), loop)
-        live.deadline_ms = job.t_ingress * 1000 + job.deadline_ms + self.clock_offset_s * 1000
+        live.deadline_ms = deadline
         finished = False
         try:
             self.pending.append(live)
@@ -431,6 +452,7 @@ class AdaLlavaModel:
         """Preprocessing thread: chat template, tokenizer and image processor, once, for one request."""
         from adallava.engine import Request
 
+        self.prep_open.wait()  # always set outside tests (hold_preprocessing)
         if job.attention and self.model.config.token_selection != "none":  # issue 14
             raise bad_request(f"adallava.attention: not available with token selection "
                               f"({self.model.config.token_selection!r} drops image tokens)", param="adallava.attention")
@@ -559,7 +581,7 @@ class AdaLlavaModel:
         decoding = [row.req.budget for row in engine.running]
         t = time.perf_counter()
         try:
-            events = engine.step()
+            engine.step(on_event=self._deliver)  # each token goes to its request as it exists, not at the step's end
             self.consecutive_failures = 0
         except Exception as e:  # noqa: BLE001
             self.consecutive_failures += 1
@@ -570,13 +592,17 @@ class AdaLlavaModel:
             return
         self._observe_step((time.perf_counter() - t) * 1000, joining, decoding, flush=not engine.has_work)
         self.m_running.set(engine.num_running)
-        for ev in events:
-            live = self.live.get(ev.request_id)
-            if live is None:
-                continue
-            if ev.finished is not None:
-                self.live.pop(ev.request_id, None)
-            live.put({"type": "event", "event": ev})
+
+    def _deliver(self, ev):
+        """Engine thread, inside a step: one event to its request's queue now. The running rows' tokens go before
+        the step's prefills start, a joining request's first token right after its own prefill: the latency model
+        (serve.policy.play) finishes a request when its token exists, and so does the server."""
+        live = self.live.get(ev.request_id)
+        if live is None:
+            return
+        if ev.finished is not None:
+            self.live.pop(ev.request_id, None)
+        live.put({"type": "event", "event": ev})
 
     def _observe_step(self, ms: float, joining: list[float], decoding: list[float], flush: bool):
         """The contention factor from engine steps: measured step time against the profile's prediction for the same
@@ -602,8 +628,12 @@ class AdaLlavaModel:
         ahead = [Slot(r.req.budget, left(r.req.max_new_tokens, len(r.tokens)), self._deadline(r.req.request_id), True)
                  for r in engine.running]  # fmt: skip
         ahead += [Slot(r.budget, expect(r.max_new_tokens), self._deadline(r.request_id)) for r in engine.waiting]
-        behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in self.pending
+        # behind it, at the floor the edge admitted them at: the requests waiting for a row, then those still in
+        # preprocessing (admitted, not yet in line: a budget chosen now must leave them the time the edge counted on).
+        # list(): one atomic copy each, the event loop appends meanwhile
+        behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in list(self.pending)
                   if not w.gone and w is not live]  # fmt: skip
+        behind += [Slot(self.floor, expect(tokens), deadline) for deadline, tokens in list(self.preparing.values())]
         # nobody ahead or behind: while no lengths are known, predicted at one token (serve.policy.LengthModel)
         new = Slot(0.0, expect(job.max_tokens, alone=not ahead and not behind), live.deadline_ms)
         choice = choose_budget(self.profile, policy, self.now_ms(), ahead, new, behind, self.kappa)

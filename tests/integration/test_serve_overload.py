@@ -3,8 +3,9 @@ whose costs are units of 1000 s (the real model answers in milliseconds, and the
 after 125 s of real time, so decisions depend on counts, never on this machine's speed or load), the engine held by the test-only pause (fault_injection) while requests queue, and the replica's
 deadline clock moved by the test-only advance_clock. Checked: a fresh replica serves at full budget; a burst lowers
 budgets before any 429; past the bound a 429 + Retry-After comes from the ingress without touching the model; an expired
-request is refused at its turn, never computed; afterwards the budget is full again at once; a newcomer whose prefill
-would make a running row miss its deadline waits a step."""
+request is refused at its turn, never computed; requests still in preprocessing count behind the one that joins;
+afterwards the budget is full again at once; a newcomer whose prefill would make a running row miss its deadline waits a
+step."""
 
 import concurrent.futures as cf
 import socket
@@ -114,6 +115,36 @@ def test_a_burst_lowers_budgets_before_any_429_and_past_the_bound_429_comes_from
     assert [s for s, _, _ in results] == [200] * 4, results
     assert sorted(b["adallava"]["budget"] for _, b, _ in results) == [0.5, 0.75, 1.0, 1.0]
     assert info(server)["joined"] == before + 4
+
+
+def test_requests_still_in_preprocessing_count_behind_the_one_that_joins(server):
+    """A waits for a row while three more are admitted but still in preprocessing (held by the test hook; four in
+    flight is the edge's bound). B = 2, 2-token requests due at 3.5 units: alone (or with one or two behind) A would
+    run at 1.0; with three behind it at the floor the edge admitted them at, 0.75 is the highest budget that still lets
+    the last of them finish by 3.5 units, so A gets 0.75 (serve.policy.choose_budget)."""
+    model = server["model"]
+    model.pause_engine.remote(True).result()
+    held = False
+    with cf.ThreadPoolExecutor(4) as ex:
+        try:
+            first = ex.submit(ask, server["url"])
+            wait_for(server, lambda s: s["load"]["waiting"] == 1)
+            model.hold_preprocessing.remote(True).result()
+            held = True
+            rest = [ex.submit(ask, server["url"]) for _ in range(3)]
+            wait_for(server, lambda s: s["preparing"] == 3)
+            model.pause_engine.remote(False).result()
+            status, body, _ = first.result()
+            assert info(server)["preparing"] == 3  # A was answered while the three were still held
+            model.hold_preprocessing.remote(False).result()
+            held = False
+            others = [f.result() for f in rest]
+        finally:
+            model.pause_engine.remote(False).result()
+            if held:
+                model.hold_preprocessing.remote(False).result()
+    assert status == 200 and body["adallava"]["budget"] == 0.75, body
+    assert [s for s, _, _ in others] == [200] * 3, others
 
 
 def test_an_expired_request_is_refused_at_its_turn_not_computed(server):

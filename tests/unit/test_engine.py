@@ -98,6 +98,23 @@ def test_a_short_request_leaves_after_its_own_steps(tiny):
     assert seen["r0"] == list(range(12))  # the long one never waited for anyone
 
 
+def test_on_event_hands_each_token_on_before_the_steps_later_prefills(tiny):
+    """step(on_event): a running row's token reaches the caller while the step's joiners still wait for their
+    prefill, and each joiner's first token arrives right after its own prefill, before the next one's; the events are
+    the ones step() returns, in the same order."""
+    model, processor = tiny
+    engine = Engine(model, max_batch_size=4, eos_token_id=-1)
+    engine.add(make_request(processor, 0, 1.0, 3))
+    engine.step()  # r0 runs
+    for i in (1, 2, 3):
+        engine.add(make_request(processor, i, 0.75, 2))
+    seen = []  # (request id, requests still waiting for their prefill when its event came)
+    returned = engine.step(on_event=lambda ev: seen.append((ev.request_id, engine.num_waiting, ev.token)))
+    assert [(rid, waiting) for rid, waiting, _ in seen] == [("r0", 3), ("r1", 2), ("r2", 1), ("r3", 0)]
+    assert [(ev.request_id, ev.token) for ev in returned] == [(rid, tok) for rid, _, tok in seen]
+    assert all(tok is not None for _, _, tok in seen)
+
+
 def test_eos_ends_a_row_and_the_rest_go_on(tiny):
     model, processor = tiny
     ref = model.generate(make_request(processor, 0, 1.0, 6).input_ids, pixel_values=make_request(
