@@ -670,12 +670,15 @@ class Bench:
 
     def engine_counters(self) -> dict:
         """The model replica's own counters since this deployment started (warm-up arrivals included): requests
-        handed to the engine, refused at their turn (deadline passed), and steps the first in line was held back by
-        the prefill gate. With several replicas this is one of them (the router picks), and says which."""
+        handed to the engine, refused at their turn (deadline passed), steps the first in line was held back by the
+        prefill gate, the engine thread's seconds (busy, in engine steps, choosing joins: busy - step is time the
+        latency model does not see) and the contention factor now. With several replicas this is one of them (the
+        router picks), and says which."""
         from ray import serve
 
         info = serve.get_deployment_handle("AdaLlavaModel", app_name="adallava").info.remote().result()
-        return {k: info.get(k) for k in ("replica", "joined", "refused_deadline", "held")}
+        return {k: info.get(k) for k in ("replica", "joined", "refused_deadline", "held", "engine_thread_s",
+                                         "contention")}  # fmt: skip
 
     def stop_server(self):
         import ray

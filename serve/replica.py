@@ -155,6 +155,9 @@ class AdaLlavaModel:
         self.prep_open.set()
         # requests handed to the engine / refused at their turn / times the first in line was held back a step
         self.joined = self.refused_deadline = self.held = 0
+        # the engine thread's seconds in iterations that had work: all of them, in engine steps (what the profile and
+        # the contention factor model), and in choosing joins (budget choices, refusals; not modelled)
+        self.thread_s = {"busy": 0.0, "step": 0.0, "join": 0.0}
         self.engine = Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         self._make_engine = lambda: Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         # admitted, waiting for a row (appended on the loop, taken by the thread); Serve's max_ongoing_requests bounds
@@ -338,7 +341,7 @@ class AdaLlavaModel:
                 "profile": self.profile.to_dict(), "replica": self.replica_id, "load": self.load_info(),
                 "contention": self.kappa, "max_context": self.max_context, "paused": self.paused,
                 "joined": self.joined, "refused_deadline": self.refused_deadline, "held": self.held,
-                "preparing": len(self.preparing),
+                "preparing": len(self.preparing), "engine_thread_s": {k: round(v, 3) for k, v in self.thread_s.items()},
                 **self.model_facts()}  # fmt: skip
 
     # ---- issue 14 (playground) begin: what a client needs to draw plans, and the opt-in attention map
@@ -566,6 +569,7 @@ class AdaLlavaModel:
             self.wakeup.wait(timeout=0.05)
             self.wakeup.clear()
             return
+        t0 = time.perf_counter()
         while self.pending and engine.num_running + engine.num_waiting < engine.max_batch_size:
             if self.pending[0].gone:
                 self.pending.popleft()
@@ -580,6 +584,7 @@ class AdaLlavaModel:
         joining = [r.budget for r in engine.waiting]
         decoding = [row.req.budget for row in engine.running]
         t = time.perf_counter()
+        self.thread_s["join"] += t - t0
         try:
             engine.step(on_event=self._deliver)  # each token goes to its request as it exists, not at the step's end
             self.consecutive_failures = 0
@@ -590,8 +595,11 @@ class AdaLlavaModel:
             logger.exception("engine step failed; its running requests get an error")
             self._fail_running(e)
             return
-        self._observe_step((time.perf_counter() - t) * 1000, joining, decoding, flush=not engine.has_work)
+        t1 = time.perf_counter()
+        self._observe_step((t1 - t) * 1000, joining, decoding, flush=not engine.has_work)
         self.m_running.set(engine.num_running)
+        self.thread_s["step"] += t1 - t
+        self.thread_s["busy"] += time.perf_counter() - t0
 
     def _deliver(self, ev):
         """Engine thread, inside a step: one event to its request's queue now. The running rows' tokens go before

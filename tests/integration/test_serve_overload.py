@@ -88,7 +88,11 @@ def test_a_fresh_replica_serves_at_full_budget(server, http):
     assert set(ada["latency_ms"]) >= {"total", "queue", "prefill", "decode", "server", "predicted"}
     # the join predicted it on time: within its deadline, and no sooner than the profile's prefill at 1.0 (one unit)
     assert U <= ada["latency_ms"]["predicted"] <= SLO
-    assert info(server)["profile"]["source"] == "config" and info(server)["contention"] == 1.0
+    state = info(server)
+    assert state["profile"]["source"] == "config" and state["contention"] == 1.0
+    # the engine thread's own account: it stepped, and its busy time holds its steps and its joins
+    thread = state["engine_thread_s"]
+    assert thread["step"] > 0 and thread["join"] >= 0 and thread["busy"] >= thread["step"] + thread["join"] - 0.002
 
 
 def test_a_burst_lowers_budgets_before_any_429_and_past_the_bound_429_comes_from_the_edge(server):
