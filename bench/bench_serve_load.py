@@ -178,13 +178,13 @@ def where_the_time_went(ok) -> dict:
     the ingress and the way back, where no server clock runs. An admission that predicts well keeps queue + prefill +
     decode within the deadline; a large outside share is time the server cannot see. predicted = the total the
     replica's join predicted from the work present then (where the server reports it) and overrun = total -
-    predicted per answer: the prefills of requests that joined later (the gate allows them up to the deadline) plus
-    the latency model's error."""
+    predicted per answer: the prefills of requests that joined later (the gate allows them up to the deadline; the
+    server reports them as later_prefills) plus the latency model's error."""
     parts: dict[str, list[float]] = {k: [] for k in ("total", "queue", "prefill", "decode", "outside", "predicted",
-                                                     "overrun")}  # fmt: skip
+                                                     "overrun", "later_prefills")}  # fmt: skip
     for r in ok:
         sl = r.get("server_latency") or {}
-        for k in ("total", "queue", "prefill", "decode", "predicted"):
+        for k in ("total", "queue", "prefill", "decode", "predicted", "later_prefills"):
             if isinstance(sl.get(k), (int, float)):
                 parts[k].append(float(sl[k]))
         if isinstance(sl.get("total"), (int, float)) and r.get("latency_ms") is not None:

@@ -110,6 +110,10 @@ class _Live:
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
     predicted_ms: float | None = None  # the finish its join predicted (work present then), from arrival (ms)
+    # the replica's running total of prefill ms (AdaLlavaModel.prefill_ms_total) at its own prefill's end and at its
+    # finish: the difference is the prefills of requests that joined after it and ran before it finished
+    prefills_at_own: float | None = None
+    prefills_at_finish: float | None = None
     attention: dict | None = None  # issue 14: adallava.attention, computed in the engine thread when it joins
     gone: bool = False  # the client went away (or a stop string ended it) before it joined
 
@@ -158,6 +162,9 @@ class AdaLlavaModel:
         # the engine thread's seconds in iterations that had work: all of them, in engine steps (what the profile and
         # the contention factor model), and in choosing joins (budget choices, refusals; not modelled)
         self.thread_s = {"busy": 0.0, "step": 0.0, "join": 0.0}
+        # ms of prefills run so far (each timed by its event's delivery inside the step), the step's time mark, and
+        # the ids joining in the current step (engine thread only)
+        self.prefill_ms_total, self._mark, self._joining = 0.0, 0.0, set()
         self.engine = Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         self._make_engine = lambda: Engine(self.model, max_batch_size=cfg.max_batch_size, eos_token_id=self.eos_id)
         # admitted, waiting for a row (appended on the loop, taken by the thread); Serve's max_ongoing_requests bounds
@@ -536,8 +543,12 @@ class AdaLlavaModel:
                                "prefill": round(fin.prefill_s * 1000, 2),
                                "decode": round((now - live.t_join) * 1000 - fin.prefill_s * 1000, 2),
                                # what the join predicted for total (the play at that budget with the work present
-                               # then, from arrival); total - predicted = later joiners' prefills + the model's error
+                               # then, from arrival); total - predicted = later_prefills + the model's error
                                "predicted": None if live.predicted_ms is None else round(live.predicted_ms, 2),
+                               # ms of prefills of requests that joined after it (known at its join or not), run
+                               # between the end of its own prefill and its finish
+                               "later_prefills": None if None in (live.prefills_at_own, live.prefills_at_finish)
+                               else round(live.prefills_at_finish - live.prefills_at_own, 2),
                                "time_to_first_token": None if t_first is None else round((t_first - job.t_ingress)
                                                                                          * 1000, 2)},
                 "load": self.load_info(), "batch_size": live.batch_size, "engine_steps": steps,
@@ -585,6 +596,7 @@ class AdaLlavaModel:
         decoding = [row.req.budget for row in engine.running]
         t = time.perf_counter()
         self.thread_s["join"] += t - t0
+        self._mark, self._joining = t, {r.request_id for r in engine.waiting}
         try:
             engine.step(on_event=self._deliver)  # each token goes to its request as it exists, not at the step's end
             self.consecutive_failures = 0
@@ -605,10 +617,19 @@ class AdaLlavaModel:
         """Engine thread, inside a step: one event to its request's queue now. The running rows' tokens go before
         the step's prefills start, a joining request's first token right after its own prefill: the latency model
         (serve.policy.play) finishes a request when its token exists, and so does the server."""
+        now = time.perf_counter()
+        joining = ev.request_id in self._joining  # its first event: the time since the mark was its prefill
+        if joining:
+            self._joining.discard(ev.request_id)
+            self.prefill_ms_total += (now - self._mark) * 1000
+        self._mark = now
         live = self.live.get(ev.request_id)
         if live is None:
             return
+        if joining:
+            live.prefills_at_own = self.prefill_ms_total
         if ev.finished is not None:
+            live.prefills_at_finish = self.prefill_ms_total
             self.live.pop(ev.request_id, None)
         live.put({"type": "event", "event": ev})
 

@@ -88,6 +88,7 @@ def test_a_fresh_replica_serves_at_full_budget(server, http):
     assert set(ada["latency_ms"]) >= {"total", "queue", "prefill", "decode", "server", "predicted"}
     # the join predicted it on time: within its deadline, and no sooner than the profile's prefill at 1.0 (one unit)
     assert U <= ada["latency_ms"]["predicted"] <= SLO
+    assert ada["latency_ms"]["later_prefills"] == 0  # alone: no other prefill ran between its own and its finish
     state = info(server)
     assert state["profile"]["source"] == "config" and state["contention"] == 1.0
     # the engine thread's own account: it stepped, and its busy time holds its steps and its joins
@@ -118,6 +119,7 @@ def test_a_burst_lowers_budgets_before_any_429_and_past_the_bound_429_comes_from
             model.pause_engine.remote(False).result()
     assert [s for s, _, _ in results] == [200] * 4, results
     assert sorted(b["adallava"]["budget"] for _, b, _ in results) == [0.5, 0.75, 1.0, 1.0]
+    assert all(b["adallava"]["latency_ms"]["later_prefills"] >= 0 for _, b, _ in results)
     assert info(server)["joined"] == before + 4
 
 

@@ -86,11 +86,12 @@ def test_where_the_time_went_splits_the_client_latency_into_the_servers_account_
     ok = [rec(latency_ms=1000.0), rec(latency_ms=3000.0), rec(latency_ms=500.0)]
     ok[0]["server_latency"] = {"total": 900.0, "queue": 100.0, "prefill": 500.0, "decode": 300.0}
     ok[1]["server_latency"] = {"total": 2000.0, "queue": 1500.0, "prefill": 400.0, "decode": 100.0,
-                               "predicted": 1200.0}  # the join predicted 1200 ms: 800 ms overrun
+                               "predicted": 1200.0, "later_prefills": 300.0}  # predicted 1200 ms: 800 ms overrun
     # the third answer carries no server account: it counts in no part
     w = b.where_the_time_went(ok)
     assert w["total"]["p50"] == pytest.approx(1450.0) and w["queue"]["p50"] == pytest.approx(800.0)
     assert w["predicted"]["p50"] == 1200.0 and w["overrun"] == {"p50": 800.0, "p95": 800.0}  # only where reported
+    assert w["later_prefills"] == {"p50": 300.0, "p95": 300.0}
     assert w["outside"] == {"p50": pytest.approx(550.0), "p95": pytest.approx(float(np.percentile([100, 1000], 95)))}
     assert b.where_the_time_went([])["total"] == {"p50": None, "p95": None}
     assert "where_ms" in b.summarize_cell(ok, slo_ms=1000, duration_s=1.0)
