@@ -462,10 +462,10 @@ class AdaLlavaModel:
         """Preprocessing thread: chat template, tokenizer and image processor, once, for one request."""
         from adallava.engine import Request
 
-        self.prep_open.wait()  # always set outside tests (hold_preprocessing)
         if job.attention and self.model.config.token_selection != "none":  # issue 14
             raise bad_request(f"adallava.attention: not available with token selection "
                               f"({self.model.config.token_selection!r} drops image tokens)", param="adallava.attention")
+        self.prep_open.wait()  # always set outside tests (hold_preprocessing)
         prompt = self.processor.apply_chat_template(job.messages, add_generation_prompt=True)
         enc = self.processor(images=job.images or None, text=[prompt], return_tensors="pt")
         n = int(enc["input_ids"].shape[1]) + 1  # + the latency token
