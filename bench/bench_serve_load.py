@@ -338,6 +338,8 @@ def server_args(variant, opts: dict, config_fields: set, policy_fields: set, lim
             "max_replicas": opts.get("max_replicas", opts["replicas"]), "initial_replicas": opts["replicas"],
             "num_cpus": opts["num_cpus"]}  # fmt: skip
     policy = {"slo_ms": opts["server_slo_ms"], **chosen}
+    if opts.get("headroom") is not None:  # None: the server's own default
+        policy["headroom"] = opts["headroom"]
     unsupported = []
     if "tokens" in policy_fields:
         policy["tokens"] = opts["max_tokens"]
@@ -656,7 +658,8 @@ class Bench:
                 "max_replicas": max_replicas or self.a.replicas,
                 "num_cpus": len(self.a.server_cores) / (max_replicas or self.a.replicas),
                 "server_slo_ms": self.a.server_slo_ms or self.a.slo_ms, "max_tokens": self.a.max_tokens,
-                "max_queued_requests": self.a.max_queued_requests, "profile_cache": self.a.profile_cache}  # fmt: skip
+                "max_queued_requests": self.a.max_queued_requests, "profile_cache": self.a.profile_cache,
+                "headroom": self.a.headroom}  # fmt: skip
         if isinstance(variant, str):  # a variant name: its definition with this run's --floor
             variant = self.variants_def[variant]
         args, self.unsupported = server_args(variant, opts, {f.name for f in fields(ServeConfig)},
@@ -742,6 +745,8 @@ def build_parser():
     p.add_argument("--slo-ms", type=float, default=1000.0, help="end-to-end SLO the client measures against")
     p.add_argument("--server-slo-ms", type=float, default=None, help="policy.slo_ms given to the server (default: "
                    "--slo-ms; the contract's server deadlines count from ingress arrival)")
+    p.add_argument("--headroom", type=float, default=None, help="policy.headroom given to the server for every "
+                   "variant: the fraction of each deadline its choices keep in reserve (default: the server's, 0)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--replicas", type=int, default=1, help="model replicas in the cells (fixed: min = max)")

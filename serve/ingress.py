@@ -38,7 +38,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.config import ServeConfig
 from serve.playground import mount_playground
-from serve.policy import LatencyProfile, LengthModel, achievable_ms, admission, drain_ms, share
+from serve.policy import LatencyProfile, LengthModel, achievable_ms, admission, drain_ms, plan_deadline, share
 from serve.protocol import (
     APIError, ParsedRequest, bad_request, check_request, chunk_body, completion_body, decode_images, error_body,
     load_image, parse_json, parse_request, usage_chunk,
@@ -155,13 +155,13 @@ class OpenAIServer:
                              f"({self.replicas} replica(s) x (max_batch_size {self.cfg.max_batch_size} + "
                              f"max_queued_requests {self.cfg.max_queued_requests})); retry after {retry} s", retry)
         tokens = self.lengths.expect(parsed.max_tokens, alone=not share(inflight, self.replicas))
-        retry = admission(p, policy, now, t0 * 1000 + deadline_ms, inflight, self.replicas, tokens,
-                          self.kappa)  # fmt: skip
+        planned = plan_deadline(t0 * 1000, deadline_ms, policy.headroom)  # = the deadline with headroom 0
+        retry = admission(p, policy, now, planned, inflight, self.replicas, tokens, self.kappa)
         if retry is not None:
             raise overloaded(f"overloaded: even the lowest budget ({policy.floor:g}) cannot meet this request's "
                              f"{deadline_ms:g} ms deadline behind the {len(inflight)} requests in flight; retry after "
                              f"{retry} s", retry)  # fmt: skip
-        self.inflight[rid] = (tokens, now, t0 * 1000 + deadline_ms)
+        self.inflight[rid] = (tokens, now, planned)
         return deadline_ms
 
     async def _load_image(self, url: str, param: str):

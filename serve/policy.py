@@ -4,6 +4,10 @@ Every request carries a deadline, fixed at the ingress when it arrives:
 
     deadline = arrival + min(slo_ms, the client's latency_ms)
 
+and every decision below (admission, budgets, the gate) plans for arrival + (1 - headroom) x that (`plan_deadline`,
+policy.headroom, 0 by default), keeping the rest for what the model does not see; the gate still protects the real
+deadline of a row that slipped past its planned one.
+
 Latency model (no feedback loop). A replica runs adallava.engine's continuous batching: one engine step decodes one
 token for every running request, then prefills waiting requests one by one while a row is free (at most B =
 max_batch_size running). The profile holds, per budget level b of the model's grid, the engine's own costs measured on
@@ -95,6 +99,10 @@ class PolicyConfig:
     # request's max_tokens; max_tokens until LENGTH_MIN_SAMPLES were seen); None: always max_tokens (the worst case)
     length_quantile: float | None = 0.9
     length_window: int = 256
+    # the fraction of each request's deadline (from its arrival) kept in reserve for what the latency model does not
+    # see: admission, budgets and the gate plan for arrival + (1 - headroom) x deadline (`plan_deadline`), and the gate
+    # still protects a row's real deadline once it has slipped past the planned one. 0: plan to the deadline itself
+    headroom: float = 0.0
 
     def check(self, budget_range: tuple[float, float]) -> "PolicyConfig":
         lo, hi = budget_range
@@ -114,7 +122,17 @@ class PolicyConfig:
             raise ValueError(f"policy.length_quantile must be in (0, 1] or null, got {self.length_quantile}")
         if not (isinstance(self.length_window, int) and self.length_window >= 1):
             raise ValueError(f"policy.length_window must be an integer >= 1, got {self.length_window!r}")
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"policy.headroom must be in [0, 1), got {self.headroom}")
         return self
+
+
+def plan_deadline(arrival_ms: float, deadline_ms: float, headroom: float) -> float:
+    """The deadline admission, budgets and the gate plan for (same clock as arrival_ms): arrival + (1 - headroom) x
+    the relative deadline. With every choice made to just meet the deadline, a request finishes at it whenever the
+    prediction holds, so any error the model does not see (measured: the prefills of requests that join later, a few
+    hundred ms at the median, over a second at p95 on smol at 2x) makes it late; the headroom is kept for that."""
+    return arrival_ms + (1.0 - headroom) * deadline_ms
 
 
 LENGTH_MIN_SAMPLES = 16  # completions seen before the length model replaces max_tokens
@@ -240,26 +258,30 @@ class Slot:
     tokens: int
     deadline: float | None = None
     running: bool = False
+    hard: float | None = None  # the real deadline when `deadline` is a planned one before it (policy.headroom)
 
 
 def may_prefill(p: LatencyProfile, t: float, rows: list, budget: float, tokens: int, kappa: float = 1.0) -> bool:
     """The engine's gate (`simulate` and the replica apply the same one): may a waiting request at this budget be
-    prefilled at time t, before the running rows' next decode step? rows: (budget, tokens left, deadline or None).
-    No: when some row would still meet its deadline if its remaining steps ran now, but not after this prefill (and,
-    when the request stays on as a row, with its share in every step). A row late anyway holds nobody back, and
-    neither does a row without a deadline. Without it a server that prefills whatever waits stalls its running rows
-    for as long as requests keep arriving: under overload a request's second token waited for seven others' prefills
-    (up to max_batch_size), which no prediction made at its join could see."""
+    prefilled at time t, before the running rows' next decode step? rows: (budget, tokens left, deadline or None[, real
+    deadline or None]). No: when some row would still meet its deadline if its remaining steps ran now, but not after
+    this prefill (and, when the request stays on as a row, with its share in every step); with a real deadline beyond
+    the planned one (policy.headroom), the same for it: a row that slipped past its plan keeps its real deadline. A row
+    late anyway holds nobody back, and neither does a row without a deadline. Without it a server that prefills whatever
+    waits stalls its running rows for as long as requests keep arriving: under overload a request's second token waited
+    for seven others' prefills (up to max_batch_size), which no prediction made at its join could see."""
     if not rows:
         return True
     now_step = kappa * step_ms(p, [r[0] for r in rows])
     with_step = kappa * step_ms(p, [r[0] for r in rows] + ([budget] if tokens > 1 else []))
     pre = kappa * prefill_ms(p, budget)
-    for _, left, deadline in rows:
-        if deadline is None:
-            continue
-        if t + left * now_step <= deadline + EPS and t + pre + left * with_step > deadline + EPS:
-            return False
+    for row in rows:
+        left = row[1]
+        for deadline in row[2:4]:
+            if deadline is None:
+                continue
+            if t + left * now_step <= deadline + EPS and t + pre + left * with_step > deadline + EPS:
+                return False
     return True
 
 
@@ -285,7 +307,8 @@ def play(p: LatencyProfile, now: float, slots: list[Slot], kappa: float = 1.0) -
             rows = [r for r in rows if r[1] > 0]
         while queue and len(rows) < B:
             s = slots[queue[0]]
-            if not may_prefill(p, t, [(r[0], r[1], slots[r[2]].deadline) for r in rows], s.budget, s.tokens, kappa):
+            if not may_prefill(p, t, [(r[0], r[1], slots[r[2]].deadline, slots[r[2]].hard) for r in rows], s.budget,
+                               s.tokens, kappa):  # fmt: skip
                 break  # it waits for the next decode step
             i = queue.popleft()
             steps[i] = n
@@ -328,7 +351,8 @@ def choose_budget(p: LatencyProfile, cfg: PolicyConfig, now: float, ahead: list[
     first = 1 if any(s.running and s.tokens > 0 for s in ahead) else 0  # decode steps before the next prefills
 
     def run(b):  # the newcomer's deadline decides apart (from `new`); in the play it is a row the gate protects
-        slots = [*ahead, Slot(b, new.tokens, new.deadline), *[Slot(lv[0], s.tokens, s.deadline) for s in behind]]
+        slots = [*ahead, Slot(b, new.tokens, new.deadline, hard=new.hard),
+                 *[Slot(lv[0], s.tokens, s.deadline, hard=s.hard) for s in behind]]  # fmt: skip
         fin, steps = play(p, now, slots, kappa)
         late = {i for i, s in enumerate(slots) if i != me and s.deadline is not None and fin[i] > s.deadline + EPS}
         return fin[me], late, steps[me] <= first

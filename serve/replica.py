@@ -52,7 +52,8 @@ from ray import serve
 from serve.autoscaling import CAPACITY, OFFERED, OfferedRate
 from serve.config import ServeConfig
 from serve.policy import (
-    LatencyProfile, LengthModel, Slot, apply_caps, capacity_rps, choose_budget, levels, predicted_step_ms, update_contention,
+    LatencyProfile, LengthModel, Slot, apply_caps, capacity_rps, choose_budget, levels, plan_deadline,
+    predicted_step_ms, update_contention,
 )  # fmt: skip
 from serve.protocol import APIError, StopText, bad_request, error_body
 
@@ -107,6 +108,7 @@ class _Live:
     budget: float | None = None
     server_budget: float | None = None
     deadline_ms: float = math.inf  # absolute, in the replica's clock (ms)
+    plan_ms: float = math.inf  # the deadline its choices plan for (policy.plan_deadline; deadline_ms at headroom 0)
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
     predicted_ms: float | None = None  # the finish its join predicted (work present then), from arrival (ms)
@@ -425,9 +427,10 @@ class AdaLlavaModel:
         self._ensure_reporter()
         self.offered.observe(time.monotonic(), job.offered)
         loop = asyncio.get_running_loop()
-        deadline = job.t_ingress * 1000 + job.deadline_ms + self.clock_offset_s * 1000  # replica clock (ms)
+        arrival = (job.t_ingress + self.clock_offset_s) * 1000  # replica clock (ms)
+        deadline, plan = arrival + job.deadline_ms, plan_deadline(arrival, job.deadline_ms, self.cfg.policy.headroom)
         key = object()  # request ids are the client's to choose: two in preprocessing may share one
-        self.preparing[key] = (deadline, job.max_tokens)
+        self.preparing[key] = (plan, deadline, job.max_tokens)
         try:
             request = await loop.run_in_executor(self.prep, self._prepare, job)
         except APIError as e:
@@ -442,7 +445,7 @@ class AdaLlavaModel:
             self.preparing.pop(key, None)
         self.ongoing += 1
         live = _Live(job, request, asyncio.Queue(), loop)
-        live.deadline_ms = deadline
+        live.deadline_ms, live.plan_ms = deadline, plan
         finished = False
         try:
             self.pending.append(live)
@@ -654,25 +657,31 @@ class AdaLlavaModel:
         wait, and it found that waiting gives the higher budget in time); True: it left the line (joined or refused)."""
         job, engine, policy = live.job, self.engine, self.cfg.policy
         expect, left = self.lengths.expect, self.lengths.remaining  # predicted tokens (max_tokens until some were seen)
-        ahead = [Slot(r.req.budget, left(r.req.max_new_tokens, len(r.tokens)), self._deadline(r.req.request_id), True)
-                 for r in engine.running]  # fmt: skip
-        ahead += [Slot(r.budget, expect(r.max_new_tokens), self._deadline(r.request_id)) for r in engine.waiting]
+        ahead = [Slot(r.req.budget, left(r.req.max_new_tokens, len(r.tokens)), running=True,
+                      **self._deadlines(r.req.request_id)) for r in engine.running]  # fmt: skip
+        ahead += [Slot(r.budget, expect(r.max_new_tokens), **self._deadlines(r.request_id)) for r in engine.waiting]
         # behind it, at the floor the edge admitted them at: the requests waiting for a row, then those still in
         # preprocessing (admitted, not yet in line: a budget chosen now must leave them the time the edge counted on).
         # list(): one atomic copy each, the event loop appends meanwhile
-        behind = [Slot(self.floor, expect(w.job.max_tokens), w.deadline_ms) for w in list(self.pending)
-                  if not w.gone and w is not live]  # fmt: skip
-        behind += [Slot(self.floor, expect(tokens), deadline) for deadline, tokens in list(self.preparing.values())]
+        hard = self._hard
+        behind = [Slot(self.floor, expect(w.job.max_tokens), w.plan_ms, hard=hard(w.deadline_ms))
+                  for w in list(self.pending) if not w.gone and w is not live]  # fmt: skip
+        behind += [Slot(self.floor, expect(tokens), plan, hard=hard(deadline))
+                   for plan, deadline, tokens in list(self.preparing.values())]  # fmt: skip
         # nobody ahead or behind: while no lengths are known, predicted at one token (serve.policy.LengthModel)
-        new = Slot(0.0, expect(job.max_tokens, alone=not ahead and not behind), live.deadline_ms)
+        new = Slot(0.0, expect(job.max_tokens, alone=not ahead and not behind), live.plan_ms,
+                   hard=hard(live.deadline_ms))  # fmt: skip
         choice = choose_budget(self.profile, policy, self.now_ms(), ahead, new, behind, self.kappa)
         if not choice.feasible and policy.reject:
             self.refused_deadline += 1
             self.m_reject.inc(tags={"reason": "deadline"})
-            retry = max(1, math.ceil((choice.predicted - live.deadline_ms) / 1000))
-            msg = (f"deadline exceeded: by its turn even the lowest budget ({self.floor:g}) would finish "
-                   f"{choice.predicted - live.deadline_ms:.0f} ms after its {job.deadline_ms:g} ms deadline; "
-                   f"retry after {retry} s")  # fmt: skip
+            retry = max(1, math.ceil((choice.predicted - live.plan_ms) / 1000))
+            over = (f"{choice.predicted - live.deadline_ms:.0f} ms after its {job.deadline_ms:g} ms deadline"
+                    if policy.headroom == 0 else f"{choice.predicted - live.plan_ms:.0f} ms after the "
+                    f"{(1 - policy.headroom) * job.deadline_ms:.0f} ms it plans for (its {job.deadline_ms:.0f} ms "
+                    f"deadline less the headroom {policy.headroom:g})")  # fmt: skip
+            msg = (f"deadline exceeded: by its turn even the lowest budget ({self.floor:g}) would finish {over}; "
+                   f"retry after {retry} s")
             live.put(self._error(APIError(429, msg, code="deadline_exceeded", type="rate_limit_error",
                                           headers={"Retry-After": str(retry)})))  # fmt: skip
             return True
@@ -704,9 +713,15 @@ class AdaLlavaModel:
         self.live[job.request_id] = live
         return True
 
-    def _deadline(self, request_id: str) -> float | None:
+    def _deadlines(self, request_id: str) -> dict:
+        """A request in the engine, as Slot keywords: the deadline its choices plan for, and its real one where they
+        differ (none for a request this replica does not follow)."""
         live = self.live.get(request_id)
-        return None if live is None else live.deadline_ms
+        return {} if live is None else {"deadline": live.plan_ms, "hard": self._hard(live.deadline_ms)}
+
+    def _hard(self, deadline: float) -> float | None:
+        """The real deadline the gate protects past the planned one; None with no headroom (they are the same)."""
+        return deadline if self.cfg.policy.headroom > 0 else None
 
     def _fail_running(self, e: Exception):
         """After a failed step the engine's caches cannot be trusted: every request in it gets an error event (the

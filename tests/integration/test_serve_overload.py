@@ -27,8 +27,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def unit_cost_server(app_name: str, **policy):
+    """A local Ray + Serve with one replica of the tiny model on the unit-cost profile (B = 2, 2 queued, SLO 3.5
+    units, floor 0.5, 2 tokens), the test hooks on and `policy` on top; yields its URL and the model's handle."""
     import ray
     from ray import serve
 
@@ -39,12 +40,20 @@ def server():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_name": "adallava-test", "max_batch_size": 2, "max_queued_requests": 2, "min_replicas": 1,
             "max_replicas": 1, "fault_injection": True, "profile": PROFILE,
-            "policy": {"slo_ms": SLO, "floor": 0.5, "ceiling": 1.0, "reject": True, "tokens": 2},
+            "policy": {"slo_ms": SLO, "floor": 0.5, "ceiling": 1.0, "reject": True, "tokens": 2, **policy},
             "limits": {"default_max_tokens": 2}}  # fmt: skip
-    serve.run(build_app(args), name="overload", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "model": serve.get_deployment_handle("AdaLlavaModel", app_name="overload")}
-    serve.shutdown()
-    ray.shutdown()
+    serve.run(build_app(args), name=app_name, route_prefix="/")
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "model": serve.get_deployment_handle("AdaLlavaModel",
+                                                                                     app_name=app_name)}  # fmt: skip
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from unit_cost_server("overload")
 
 
 @pytest.fixture(scope="module")
@@ -153,26 +162,33 @@ def test_requests_still_in_preprocessing_count_behind_the_one_that_joins(server)
     assert [s for s, _, _ in others] == [200] * 3, others
 
 
-def test_an_expired_request_is_refused_at_its_turn_not_computed(server):
+def at_its_turn_after(server, units: float):
+    """One request, admitted and queued while the engine is paused; the replica's clock moves `units` on before the
+    engine takes it. Its (status, body, headers); the clock is moved back."""
     model = server["model"]
-    state = info(server)
-    before, refused = state["joined"], state["refused_deadline"]
     model.pause_engine.remote(True).result()
     moved = False
     with cf.ThreadPoolExecutor(1) as ex:
         try:  # inside the executor: a failure releases the engine before the executor waits for the request
-            late = ex.submit(ask, server["url"])  # admitted: alone, the floor needs at most 1 unit of its 3.5
+            late = ex.submit(ask, server["url"])
             wait_for(server, lambda s: s["load"]["waiting"] == 1)
-            # by its turn 0.25 units are left: the floor is late even at one token (its prefill, 0.5 units), the
-            # least a request produces and what a lone request is predicted at while no lengths are known
-            model.advance_clock.remote(3.25 * U / 1000).result()
+            model.advance_clock.remote(units * U / 1000).result()
             moved = True
             model.pause_engine.remote(False).result()
-            status, body, headers = late.result()
+            return late.result()
         finally:
             model.pause_engine.remote(False).result()
             if moved:
-                model.advance_clock.remote(-3.25 * U / 1000).result()
+                model.advance_clock.remote(-units * U / 1000).result()
+
+
+def test_an_expired_request_is_refused_at_its_turn_not_computed(server):
+    state = info(server)
+    before, refused = state["joined"], state["refused_deadline"]
+    # admitted (alone, the floor needs at most 1 unit of its 3.5); by its turn 0.25 units are left: the floor is late
+    # even at one token (its prefill, 0.5 units), the least a request produces and what a lone request is predicted
+    # at while no lengths are known
+    status, body, headers = at_its_turn_after(server, 3.25)
     assert status == 429 and body["error"]["code"] == "deadline_exceeded", body
     assert int(headers["retry-after"]) >= 250  # the floor would end at least 0.25 units (250 s) after the deadline
     state = info(server)

@@ -216,6 +216,12 @@ def test_server_args_follow_the_contract_and_name_missing_keys():
     args, missing = b.server_args("load_aware", {**OPTS, "max_queued_requests": None, "profile_cache": None},
                                   CFG | {"max_queued_requests", "profile_cache"}, POL, set())  # fmt: skip
     assert missing == [] and "max_queued_requests" not in args and "profile_cache" not in args
+    # --headroom goes to every variant's policy; a server without it cannot express the run
+    args, _ = b.server_args("full_shed", {**OPTS, "headroom": 0.2}, CFG, POL | {"headroom"}, set())
+    assert args["policy"]["headroom"] == 0.2
+    assert "headroom" not in b.server_args("full_shed", OPTS, CFG, POL, set())[0]["policy"]
+    with pytest.raises(ValueError, match=r"lacks \['headroom'\]"):
+        b.server_args("full_shed", {**OPTS, "headroom": 0.2}, CFG, POL, set())
 
 
 def test_floor_sets_load_aware_lowest_and_min_budget_static_budget_only():

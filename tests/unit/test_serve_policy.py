@@ -14,7 +14,7 @@ from PIL import Image
 from serve.autoscaling import OfferedRate, offered_demand_policy
 from serve.policy import (
     EPS, LENGTH_MIN_SAMPLES, Choice, LatencyProfile, LengthModel, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
-    choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, may_prefill, play, predicted_step_ms, prefill_ms, share, simulate, step_ms,
+    choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, may_prefill, plan_deadline, play, predicted_step_ms, prefill_ms, share, simulate, step_ms,
     update_contention,
 )  # fmt: skip
 from serve.protocol import APIError, Limits, check_image_url, decode_data_url, host_allowed, parse_request, validate_request
@@ -213,6 +213,30 @@ def test_the_gate_holds_a_prefill_back_only_for_a_row_it_would_make_late():
     assert may_prefill(p, 0, [(1.0, 2, 1.9 * U)], 1.0, 2) is True  # 2 > 1.9: late anyway, it holds nobody back
     assert may_prefill(p, 0, [(1.0, 2, None)], 0.5, 2) is True and may_prefill(p, 0, [], 1.0, 2) is True
     assert may_prefill(p, 0, [(1.0, 2, 2.5 * U)], 0.5, 1, kappa=2.0) is True  # late anyway at twice the cost
+
+
+def test_a_row_past_its_planned_deadline_keeps_its_real_one():
+    """policy.headroom: choices plan for an earlier deadline, and a row that slipped past it is still protected up to
+    its real deadline (the fourth element); without one it holds nobody back, as any row late anyway."""
+    p = units(B=2)
+    # the row at 1.0 with 2 steps left ends at 2 now, at 2.5 after a one-token prefill at 0.5
+    assert may_prefill(p, 0, [(1.0, 2, 1.9 * U)], 0.5, 1) is True  # late for its plan anyway
+    assert may_prefill(p, 0, [(1.0, 2, 1.9 * U, 2.2 * U)], 0.5, 1) is False  # in time for its real deadline, not after
+    assert may_prefill(p, 0, [(1.0, 2, 1.9 * U, 2.6 * U)], 0.5, 1) is True  # in time for it either way
+    assert may_prefill(p, 0, [(1.0, 2, 2.2 * U, None)], 0.5, 1) is False  # no real one beyond the plan: the plan
+    # in the play: the row is protected at its real deadline (2.2), so the newcomer waits for the row's steps
+    row = Slot(1.0, 2, 1.9 * U, running=True, hard=2.2 * U)
+    assert play(p, 0, [row, Slot(0.5, 1, 10 * U)])[1][1] == 2
+    assert play(p, 0, [Slot(1.0, 2, 1.9 * U, running=True), Slot(0.5, 1, 10 * U)])[1][1] == 1
+
+
+def test_the_planned_deadline_keeps_the_headroom_and_the_config_checks_it():
+    assert plan_deadline(1000.0, 2400.0, 0.0) == 3400.0 and plan_deadline(1000.0, 2400.0, 0.25) == 2800.0
+    assert plan_deadline(0.0, math.inf, 0.2) == math.inf
+    assert PolicyConfig(headroom=0.5).check((0.5, 1.0)).headroom == 0.5
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=re.escape(f"policy.headroom must be in [0, 1), got {bad}")):
+            PolicyConfig(headroom=bad).check((0.5, 1.0))
 
 
 def test_under_overload_running_rows_keep_their_deadlines_while_newcomers_wait():
