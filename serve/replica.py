@@ -172,8 +172,9 @@ class AdaLlavaModel:
         # admitted, waiting for a row (appended on the loop, taken by the thread); Serve's max_ongoing_requests bounds
         # it to max_queued_requests beyond the running batch
         self.pending: deque[_Live] = deque()
-        # admitted and in (or waiting for) the preprocessing thread: (deadline in the replica's clock, max_tokens)
-        self.preparing: dict[object, tuple[float, int]] = {}
+        # admitted and in (or waiting for) the preprocessing thread: (planned deadline, deadline, max_tokens), the
+        # deadlines in the replica's clock (ms)
+        self.preparing: dict[object, tuple[float, float, int]] = {}
         self.live: dict[str, _Live] = {}  # in the engine
         self.cancels: deque[tuple[str, str]] = deque()  # (request id, reason) for the engine thread
         self.wakeup = threading.Event()
