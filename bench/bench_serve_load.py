@@ -407,6 +407,12 @@ def evaluate_targets(cells: dict, slo_ms: float, recovery_s, stderr_full_05=None
     return out
 
 
+def plot_path(out: Path, preset: str) -> Path:
+    """Where a run's plot goes: beside the JSON with its name for the smol preset (the headline's), with the preset's
+    name added for any other, so a tiny run beside it does not overwrite the headline's plot."""
+    return out.with_suffix(".png") if preset == "smol" else out.with_name(f"{out.stem}_{preset}.png")
+
+
 def merge_results(existing: dict | None, preset: str, run: dict) -> dict:
     """The JSON file holds one run per preset; the headline is the smol run's, else a provisional one (tiny's or the
     only preset's). A file in the previous design's shape (no "presets") is kept under "previous_design", and a run
@@ -852,7 +858,7 @@ def main(argv=None):
     existing = json.loads(out.read_text()) if out.is_file() else None
     doc = merge_results(existing, preset, run)
     out.write_text(json.dumps(doc, indent=1))
-    png = out.with_suffix(".png")
+    png = plot_path(out, preset)
     plot(run, png)
     print_table(run)
     print(f"headline: {json.dumps(doc['headline'])}")

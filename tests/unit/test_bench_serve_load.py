@@ -354,3 +354,11 @@ def test_open_loop_client_records_answers_refusals_and_unanswered():
     assert all(r["latency_ms"] >= 0 and r["lag_ms"] is not None for r in recs)
     assert all(r["send_ms"] is not None for r in recs)  # every request reached the wire
     assert any(r["connect_ms"] is not None for r in recs)  # the first one opened a connection (after the warm-up GET's)
+
+
+def test_each_preset_plots_to_its_own_file_and_smol_keeps_the_headline_name():
+    from pathlib import Path
+
+    out = Path("bench/results/serve_load.json")
+    assert b.plot_path(out, "smol") == Path("bench/results/serve_load.png")
+    assert b.plot_path(out, "tiny") == Path("bench/results/serve_load_tiny.png")
