@@ -447,6 +447,8 @@ def _record_response(rec, status, headers, payload):
         rec["budget"] = ada.get("budget")
         rec["server_latency"] = ada.get("latency_ms")
         rec["deadline_ms"] = ada.get("deadline_ms")
+        rec["completion_tokens"] = (payload.get("usage") or {}).get("completion_tokens")
+        rec["tokens_predicted"] = ada.get("tokens_predicted")
     else:
         err = payload.get("error", {}) if isinstance(payload, dict) else {}
         rec["code"] = err.get("code")
@@ -790,6 +792,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON path (the PNG goes beside it); runs of other presets "
                    "already in the file are kept")
+    p.add_argument("--records", default=None, help="also write every counted request of every cell (client timings "
+                   "and what the server reported: budget, latency_ms parts, tokens predicted and produced) to this "
+                   "JSON Lines file, one line per request tagged with its variant, load and repeat")
     p.add_argument("--client-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -919,6 +924,10 @@ def measure(bench: Bench, a) -> dict:
                       "client_lagged": lag99 is not None and lag99 > 0.1 * a.slo_ms,
                       "codes_seen": sorted({str(r.get("code")) for r in counted if r["status"] != 200})})  # fmt: skip
             reps[v][str(float(load))].append(s)
+            if a.records:
+                with open(a.records, "a") as f:
+                    for r in counted:
+                        f.write(json.dumps({"variant": v, "load": load, "repeat": rep, **r}) + "\n")
             print(f"  rep {rep} {v:11s} {load:>4}x  offered {s['offered']:4d} served {s['served']:4d} refused "
                   f"{s['refused']:4d} unans {s['unanswered']:3d}  p95 {_f(s['p95_ms'], 0)}  "
                   f"SLO {_f(s['slo_attainment'])}"

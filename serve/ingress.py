@@ -243,7 +243,7 @@ class OpenAIServer:
                 if ev["type"] == "error":
                     return SafeJSONResponse(ev["body"], status_code=ev["status"], headers=ev.get("headers") or {})
                 self._learn(ev["adallava"])
-                self.lengths.observe(ev["completion_tokens"])
+                self.lengths.observe(ev["adallava"]["engine_steps"])  # EOS included, as the replica
                 ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
                 return SafeJSONResponse(completion_body(job.request_id, created, self.cfg.model_name, ev["text"],
                                                         ev["finish_reason"], ev["prompt_tokens"],
@@ -278,7 +278,7 @@ class OpenAIServer:
                     yield _sse(chunk_body(cid, created, name, {"content": ev["text"]}))
                 elif ev["type"] == "done":
                     self._learn(ev["adallava"])
-                    self.lengths.observe(ev["completion_tokens"])
+                    self.lengths.observe(ev["adallava"]["engine_steps"])  # EOS included, as the replica
                     ev["adallava"]["latency_ms"]["server"] = round((time.time() - t0) * 1000, 2)
                     yield _sse(chunk_body(cid, created, name, {}, ev["finish_reason"], ev["adallava"]))
                     if include_usage:

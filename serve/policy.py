@@ -19,12 +19,13 @@ rows at the same budgets), median of recent windows, within [1/contention_max, c
 both sides of that ratio, so kappa cannot feed back through the budget (the old design divided whole-batch wall time,
 overheads included, by generate time: a lower budget read as more slowdown). kappa multiplies engine compute only.
 
-Lengths (`LengthModel`): a request's tokens are predicted as the policy.length_quantile of the lengths of the last
-policy.length_window completions this process has seen, capped by its max_tokens (max_tokens itself until 16 were
-seen, or with length_quantile None; until then a request with nobody ahead or behind it is predicted at one token, so
-an idle server serves, and learns, even when the worst case would miss the SLO). Predicting every request at its max_tokens refuses work the server can do when
-answers are short; a request that runs longer than predicted finishes anyway (a running row has at least one token
-left until its max_tokens).
+Lengths (`LengthModel`): a request's tokens (the engine's: an EOS takes a step too) are predicted as the
+policy.length_quantile of the lengths of the last policy.length_window completions this process has seen, capped by its
+max_tokens (max_tokens itself until 16 were seen, or with length_quantile None; until then a request with nobody ahead
+or behind it is predicted at one token, so an idle server serves, and learns, even when the worst case would miss the
+SLO). Predicting every request at its max_tokens refuses work the server can do when answers are short. A running
+request's remaining tokens are the same quantile of the lengths that ran past what it has produced, less that (a
+request that outran the prediction is not one token from its end), at least one until its max_tokens.
 
 The prefill gate (`may_prefill`). A prefill stalls every running row for its duration. A replica that prefills
 whatever waits before its rows' next decode lets a burst of joiners push a running request's next token out by up to
@@ -172,10 +173,22 @@ class LengthModel:
         return max(1, min(max_tokens, t))
 
     def remaining(self, max_tokens: int, generated: int) -> int:
-        """Tokens a running request still has to produce: what it is predicted to produce minus what it has, at least
-        one while it runs (it may run past the prediction), never more than max_tokens allows."""
+        """Tokens a running request that has produced `generated` still has to produce: the quantile of the lengths
+        seen that ran past `generated`, less `generated` (the length given that it has come this far), at least one
+        while it runs, never more than max_tokens allows; max_tokens' worth when no length seen ran that far (or while
+        lengths are not known). The unconditional prediction less what it has would read a request that has outrun
+        it as one token from its end at every step, and the gate would let every later prefill stall it (measured at
+        2x on smol: later joiners' prefills were most of the overrun)."""
         left = max_tokens - generated
-        return max(min(left, 1), min(left, self.expect(max_tokens) - generated))
+        if left <= 0:
+            return 0
+        if self.typical() is None:  # not known yet (or length_quantile None): the worst case
+            return left
+        longer = sorted(n for n in self.seen if n > generated)  # a snapshot (observe() may run on another thread)
+        if not longer:
+            return left
+        q = longer[min(len(longer) - 1, max(0, math.ceil(self.quantile * len(longer)) - 1))]
+        return max(1, min(left, q - generated))
 
 
 PROFILE_KEYS = ("budgets", "max_batch_size", "prefill_ms", "decode_ms_1", "decode_ms_b", "overhead_ms")

@@ -112,6 +112,7 @@ class _Live:
     batch_size: int = 0  # requests running when it joined
     t_join: float | None = None
     predicted_ms: float | None = None  # the finish its join predicted (work present then), from arrival (ms)
+    tokens_predicted: int | None = None  # the tokens its join predicted it would produce (serve.policy.LengthModel)
     # the replica's running total of prefill ms (AdaLlavaModel.prefill_ms_total) at its own prefill's end and at its
     # finish: the difference is the prefills of requests that joined after it and ran before it finished
     prefills_at_own: float | None = None
@@ -526,7 +527,10 @@ class AdaLlavaModel:
 
     def _done(self, live: _Live, fin, text: str, n_tokens: int, stopped: bool, t_first, t_last) -> dict:
         job, now = live.job, time.time()
-        self.lengths.observe(n_tokens)
+        steps = fin.finished_step - fin.joined_step + 1
+        # the length model predicts engine steps (what the latency model plays): an EOS takes one too, though it is
+        # not in the completion's tokens; learning completion_tokens under-predicted every answer ended by EOS
+        self.lengths.observe(steps)
         reason = "stop" if stopped or fin.finish_reason in ("eos", "stop") else "length"
         total_ms = (now - job.t_ingress) * 1000  # from the ingress's arrival: waits upstream count too
         self.m_budget.observe(live.budget)
@@ -535,7 +539,6 @@ class AdaLlavaModel:
             self.m_ttft.observe((t_first - job.t_ingress) * 1000)
         if t_first is not None and n_tokens > 1:
             self.m_tpot.observe((t_last - t_first) * 1000 / (n_tokens - 1))
-        steps = fin.finished_step - fin.joined_step + 1
         return {
             "type": "done", "text": text, "finish_reason": reason,
             "prompt_tokens": job.prompt_tokens, "completion_tokens": n_tokens,
@@ -556,6 +559,7 @@ class AdaLlavaModel:
                                "time_to_first_token": None if t_first is None else round((t_first - job.t_ingress)
                                                                                          * 1000, 2)},
                 "load": self.load_info(), "batch_size": live.batch_size, "engine_steps": steps,
+                "tokens_predicted": live.tokens_predicted,  # what its join planned for (completion_tokens: what ran)
                 "replica": self.replica_id,
                 # issue 14 (playground): which heads [0] and MLP neuron groups [1] ran in each schedulable layer
                 "execution_units": None if fin.plan is None else fin.plan.round().int().tolist(),
@@ -690,6 +694,7 @@ class AdaLlavaModel:
             self.held += 1
             return False
         live.server_budget = choice.budget
+        live.tokens_predicted = new.tokens
         if math.isfinite(live.deadline_ms):  # arrival = the absolute deadline minus the relative one (replica clock)
             live.predicted_ms = choice.predicted - (live.deadline_ms - job.deadline_ms)
         live.budget = apply_caps(live.server_budget, job.budget_cap)

@@ -39,6 +39,7 @@ class HeldBackend:
         self.release = asyncio.Event()
         self.jobs, self.held, self.max_held = [], 0, 0
         self.replicas, self.raise_on_call = replicas, raise_on_call
+        self.steps = 2  # engine steps per answer (2 tokens to max_tokens; one more when an EOS ends it)
 
     async def info(self):
         return {"budget_range": [0.5, 1.0], "max_context": 2048, "profile": PROFILE,
@@ -56,7 +57,7 @@ class HeldBackend:
             self.held -= 1
         return {"type": "done", "text": "ok", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 2,
                 "adallava": {"budget": 1.0, "latency_ms": {"total": 1.0}, "deadline_ms": job.deadline_ms,
-                             "load": {"replicas": self.replicas, "contention": 1.0}}}  # fmt: skip
+                             "engine_steps": self.steps, "load": {"replicas": self.replicas, "contention": 1.0}}}  # fmt: skip
 
     async def ping(self):
         return "r"
@@ -150,6 +151,25 @@ def test_admission_predicts_the_lengths_completions_have_had_not_max_tokens(quan
             backend.release.set()
             assert (await held).status_code == 200 and (await long).status_code == (200 if quantile else 429)
             assert srv.inflight == {}
+
+    run(main())
+
+
+def test_the_ingress_learns_the_engine_steps_an_answer_took_not_its_completion_tokens():
+    """An answer ended by EOS has 2 completion tokens and took 3 engine steps (the EOS is one); the latency model
+    plays engine steps, so 3 is what the edge predicts once enough answers were seen."""
+    from serve.policy import LENGTH_MIN_SAMPLES
+
+    async def main():
+        backend = HeldBackend()
+        backend.steps = 3
+        backend.release.set()
+        srv, _ = server(backend)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(srv)), base_url="http://t") as c:
+            for _ in range(LENGTH_MIN_SAMPLES):
+                r = await c.post("/v1/chat/completions", json=with_image(max_tokens=8))
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert srv.lengths.typical() == 3 and srv.lengths.expect(8) == 3
 
     run(main())
 

@@ -32,7 +32,7 @@ PROFILE = {"budgets": [0.5, 0.75, 1.0], "max_batch_size": 8, "prefill_ms": [5, 7
 
 def done(job, text="a b c"):
     return {"type": "done", "text": text, "finish_reason": "length", "prompt_tokens": 7, "completion_tokens": 3,
-            "adallava": {"budget": 1.0, "latency_ms": {"total": 1.0}}}  # fmt: skip
+            "adallava": {"budget": 1.0, "latency_ms": {"total": 1.0}, "engine_steps": 3}}  # fmt: skip
 
 
 class FakeBackend:

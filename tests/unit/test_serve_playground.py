@@ -128,3 +128,26 @@ def test_the_replica_refuses_attention_with_token_selection():
     with pytest.raises(APIError) as e:
         cls._prepare(fake, job)
     assert (e.value.status, e.value.param) == (400, "adallava.attention") and "'fastv'" in e.value.message
+
+
+def test_the_replica_learns_the_engine_steps_of_an_answer_ended_by_eos_and_reports_its_prediction():
+    """Two completion tokens and an EOS: three engine steps (joined at step 5, finished at 7), which is what the
+    length model learns (the latency model plays engine steps); the response says what its join predicted."""
+    from types import SimpleNamespace
+
+    from serve.config import make_config
+    from serve.policy import LengthModel
+    from serve.replica import AdaLlavaModel, Job, _Live
+
+    cls = AdaLlavaModel.func_or_class
+    metric = SimpleNamespace(observe=lambda *a, **k: None)
+    fake = SimpleNamespace(lengths=LengthModel(make_config({}).policy), m_budget=metric, m_latency=metric,
+                           m_ttft=metric, m_tpot=metric, load_info=dict, replica_id="r0")  # fmt: skip
+    job = Job(request_id="r", messages=[], images=[], max_tokens=8, temperature=0.0, top_p=1.0, budget_cap=None,
+              latency_ms=None, t_ingress=100.0)  # fmt: skip
+    live = _Live(job, request=None, queue=None, loop=None, budget=1.0, t_join=100.5, tokens_predicted=4)
+    fin = SimpleNamespace(finished_step=7, joined_step=5, finish_reason="eos", execution_plan=None, flops=None,
+                          prefill_s=0.1, plan=None, token_ids=[11, 12, 2])  # fmt: skip
+    out = cls._done(fake, live, fin, "ab", 2, False, 100.6, 100.7)
+    assert out["completion_tokens"] == 2 and out["adallava"]["engine_steps"] == 3
+    assert list(fake.lengths.seen) == [3] and out["adallava"]["tokens_predicted"] == 4

@@ -458,8 +458,21 @@ def test_a_running_request_has_at_least_one_token_left_until_its_max_tokens():
     m = LengthModel(PolicyConfig(length_window=16))
     for _ in range(16):
         m.observe(3)
-    assert [m.remaining(16, g) for g in (0, 1, 2, 3, 10, 15, 16)] == [3, 2, 1, 1, 1, 1, 0]
+    # past every length seen, the worst case: what max_tokens still allows
+    assert [m.remaining(16, g) for g in (0, 1, 2, 3, 10, 15, 16)] == [3, 2, 1, 13, 6, 1, 0]
     assert m.remaining(2, 0) == 2  # capped by max_tokens
+    assert LengthModel(PolicyConfig()).remaining(16, 4) == 12  # nothing seen yet: the worst case
+
+
+def test_a_request_that_outran_the_prediction_is_predicted_from_the_lengths_that_ran_as_far():
+    m = LengthModel(PolicyConfig(length_quantile=0.5, length_window=16))
+    for n in [2] * 12 + [9, 12, 16, 16]:  # most answers are short, a few run long
+        m.observe(n)
+    assert m.expect(16) == 2 and m.remaining(16, 0) == 2 and m.remaining(16, 1) == 1
+    # two tokens produced and still running: one of the long ones (median of 9, 12, 16, 16 is 12), not one step left
+    assert m.remaining(16, 2) == 10
+    assert m.remaining(16, 10) == 6  # the median of 12, 16, 16
+    assert m.remaining(13, 10) == 3  # never beyond its own max_tokens
 
 
 def test_a_request_with_nothing_ahead_is_predicted_at_one_token_until_lengths_are_known():
