@@ -332,8 +332,8 @@ def server_args(variant, opts: dict, config_fields: set, policy_fields: set, lim
     if isinstance(variant, str) and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
     chosen = VARIANTS[variant] if isinstance(variant, str) else variant
-    if set(chosen) != {"floor", "ceiling", "reject"}:
-        raise ValueError(f"a variant sets exactly floor, ceiling and reject; got {sorted(chosen)}")
+    if not {"floor", "ceiling", "reject"} <= set(chosen) <= {"floor", "ceiling", "reject", "levels"}:
+        raise ValueError(f"a variant sets floor, ceiling and reject (and may set levels); got {sorted(chosen)}")
     args = {"model": opts["model"], "max_batch_size": opts["max_batch_size"], "min_replicas": opts["replicas"],
             "max_replicas": opts.get("max_replicas", opts["replicas"]), "initial_replicas": opts["replicas"],
             "num_cpus": opts["num_cpus"]}  # fmt: skip
@@ -355,6 +355,31 @@ def server_args(variant, opts: dict, config_fields: set, policy_fields: set, lim
     if "default_max_tokens" in limits_fields:
         args["limits"] = {"default_max_tokens": opts["max_tokens"]}
     return args, unsupported
+
+
+def choose_load_aware_levels(variant: dict, accuracies: dict, mode: str) -> dict:
+    """load_aware's budgets (`policy.levels`), set in `variant` in place. mode "grid": every grid step in [floor,
+    ceiling] (the server's default); "pareto": the measured budgets in [floor, ceiling] on the accuracy / budget
+    Pareto front (serve.policy.pareto_levels), the ceiling lowered to the most accurate one, so load_aware never
+    spends compute on a budget that answers no better than a cheaper one. Every variant is measured on the same
+    capacity runs' answers: the static variants are single levels of the same table."""
+    from serve.policy import pareto_levels
+
+    if mode == "grid":
+        variant.pop("levels", None)
+        return {"mode": "grid", "levels": None, "note": f"every grid step in [{variant['floor']:g}, "
+                f"{variant['ceiling']:g}]"}  # fmt: skip
+    if mode != "pareto":
+        raise ValueError(f"unknown --load-aware-levels {mode!r}; known: grid, pareto")
+    inside = {b: acc for b, acc in accuracies.items() if variant["floor"] - 1e-9 <= b <= variant["ceiling"] + 1e-9}
+    if not any(abs(b - variant["floor"]) < 1e-9 for b in inside):
+        raise ValueError(f"pareto levels need the accuracy at the floor {variant['floor']:g}; measured: "
+                         f"{sorted(accuracies)}")  # fmt: skip
+    lv = pareto_levels(inside)
+    variant.update(levels=lv, ceiling=max(lv))
+    return {"mode": "pareto", "levels": lv, "accuracy": {str(b): inside[b] for b in sorted(inside)},
+            "note": f"{lv}, the Pareto front of the measured accuracies "
+                    + ", ".join(f"{b:g}: {inside[b]:.3f}" for b in sorted(inside))}  # fmt: skip
 
 
 def assemble_headline(preset: str, slo_ms: float, cells: dict, provisional: bool) -> dict:
@@ -792,6 +817,10 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON path (the PNG goes beside it); runs of other presets "
                    "already in the file are kept")
+    p.add_argument("--load-aware-levels", choices=("pareto", "grid"), default="pareto",
+                   help="the budgets load_aware picks from (policy.levels): pareto = the --budgets on the Pareto "
+                   "front of the accuracies the capacity runs measure (a budget no more accurate than a cheaper one "
+                   "is left out); grid = every step of the model's grid in [floor, 1.0]")
     p.add_argument("--records", default=None, help="also write every counted request of every cell (client timings "
                    "and what the server reported: budget, latency_ms parts, tokens predicted and produced) to this "
                    "JSON Lines file, one line per request tagged with its variant, load and repeat")
@@ -828,6 +857,9 @@ def main(argv=None):
     check_cores(a.server_cores, a.client_cores, os.sched_getaffinity(0), remote=a.url is not None)
     if 1.0 not in a.budgets:
         raise SystemExit("bench_serve_load: --budgets must include 1.0 (loads are multiples of C(1.0))")
+    if a.load_aware_levels == "pareto" and not a.url and not any(abs(b - a.floor) < 1e-9 for b in a.budgets):
+        raise SystemExit(f"bench_serve_load: --load-aware-levels pareto needs the floor's accuracy: --budgets "
+                         f"{a.budgets} must include --floor {a.floor} (or give --load-aware-levels grid)")  # fmt: skip
     a.capacity_concurrency = a.capacity_concurrency or 2 * a.max_batch_size
     try:
         variants_with_floor(a.floor)
@@ -893,6 +925,10 @@ def measure(bench: Bench, a) -> dict:
     if not c_full > 0:
         raise SystemExit(f"bench_serve_load: full-budget capacity is {c_full} req/s (the server answered nothing: "
                          f"{res['capacities']['1.0'].get('errors')} errors); no load multiples can be set")  # fmt: skip
+    if not a.url:
+        res["load_aware_levels"] = choose_load_aware_levels(bench.variants_def["load_aware"], accs,
+                                                            a.load_aware_levels)  # fmt: skip
+        print(f"load_aware picks from: {res['load_aware_levels']['note']}", flush=True)
     res["feasibility"] = {}
     if len(accs) == len(caps):
         for load in a.loads:

@@ -104,6 +104,10 @@ class PolicyConfig:
     # see: admission, budgets and the gate plan for arrival + (1 - headroom) x deadline (`plan_deadline`), and the gate
     # still protects a row's real deadline once it has slipped past the planned one. 0: plan to the deadline itself
     headroom: float = 0.0
+    # the budgets the server may pick (each on the model's budget grid, floor and ceiling among them); None: every grid
+    # step in [floor, ceiling]. For a checkpoint whose accuracy does not rise at every step, the steps on its accuracy
+    # / budget Pareto front (`pareto_levels`): a budget no more accurate than a cheaper one only spends compute
+    levels: list[float] | None = None
 
     def check(self, budget_range: tuple[float, float]) -> "PolicyConfig":
         lo, hi = budget_range
@@ -125,6 +129,25 @@ class PolicyConfig:
             raise ValueError(f"policy.length_window must be an integer >= 1, got {self.length_window!r}")
         if not 0 <= self.headroom < 1:
             raise ValueError(f"policy.headroom must be in [0, 1), got {self.headroom}")
+        if self.levels is not None:
+            lv = self.levels
+            if not (isinstance(lv, (list, tuple)) and lv and all(isinstance(b, (int, float)) for b in lv)):
+                raise ValueError(f"policy.levels must be a non-empty list of budgets or null, got {lv!r}")
+            out = [b for b in lv if not self.floor - EPS <= b <= self.ceiling + EPS]
+            if out:
+                raise ValueError(f"policy.levels {out} lie outside [floor, ceiling] = [{self.floor:g}, "
+                                 f"{self.ceiling:g}]")  # fmt: skip
+            for name in ("floor", "ceiling"):
+                if not any(abs(b - getattr(self, name)) <= 1e-6 for b in lv):
+                    raise ValueError(f"policy.levels {list(lv)} must include the {name} ({getattr(self, name):g})")
+        return self
+
+    def check_levels(self, grid: list[float]) -> "PolicyConfig":
+        """policy.levels against the model's budget grid: a level the model cannot run as given is refused by name."""
+        for b in self.levels or []:
+            if not any(abs(b - g) <= 1e-6 for g in grid):
+                raise ValueError(f"policy.levels: {b:g} is not on the model's budget grid "
+                                 f"{[round(g, 6) for g in grid]}")  # fmt: skip
         return self
 
 
@@ -341,9 +364,28 @@ def simulate(p: LatencyProfile, now: float, slots: list[Slot], kappa: float = 1.
 
 
 def levels(profile: LatencyProfile, cfg: PolicyConfig) -> list[float]:
-    """The budgets the server may pick: the model's grid steps in [floor, ceiling] (the floor itself if none)."""
+    """The budgets the server may pick: the model's grid steps in [floor, ceiling], only those in policy.levels when
+    it is set (the floor itself if none)."""
     inside = [b for b in profile.budgets if cfg.floor - EPS <= b <= cfg.ceiling + EPS]
+    if cfg.levels is not None:
+        inside = [b for b in inside if any(abs(b - x) <= 1e-6 for x in cfg.levels)]
     return inside or [cfg.floor]
+
+
+def pareto_levels(accuracy: dict[float, float]) -> list[float]:
+    """The budgets on the accuracy / budget Pareto front, ascending: each kept budget is more accurate than every
+    cheaper one kept (SuperServe serves the Pareto-optimal subnetworks of its supernet). A budget that answers no
+    better than a cheaper one costs more for nothing; a policy that picks it under load serves fewer requests at the
+    same accuracy. accuracy: {budget: accuracy measured on the same questions}."""
+    front, best = [], -math.inf
+    for b in sorted(accuracy):
+        a = accuracy[b]
+        if a is None or not math.isfinite(a):
+            raise ValueError(f"pareto_levels: accuracy at budget {b:g} is {a!r}, not a number")
+        if a > best:
+            front.append(b)
+            best = a
+    return front
 
 
 @dataclass

@@ -144,7 +144,7 @@ class AdaLlavaModel:
         mc = self.model.config
         self.budget_range = budgets.budget_range(mc)
         self.grid = budgets.budget_grid(mc)
-        cfg.policy.check(self.budget_range)
+        cfg.policy.check(self.budget_range).check_levels(self.grid)
         self.max_context = int(getattr(mc.text_config, "max_position_embeddings", 4096))
         self.eos_id = self.processor.tokenizer.eos_token_id
         # The fast tokenizer keeps padding/truncation as mutable state that every call resets: the event loop's

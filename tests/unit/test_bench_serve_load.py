@@ -241,8 +241,27 @@ def test_floor_sets_load_aware_lowest_and_min_budget_static_budget_only():
 def test_server_args_refuse_unknown_variants_and_servers_without_the_policy_keys():
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         b.server_args("fast", OPTS, CFG, POL, set())
-    with pytest.raises(ValueError, match="exactly floor, ceiling and reject"):
+    with pytest.raises(ValueError, match=r"sets floor, ceiling and reject \(and may set levels\)"):
         b.server_args({"floor": 0.5}, OPTS, CFG, POL, set())
+    with pytest.raises(ValueError, match=r"lacks \['levels'\]"):  # a server without policy.levels
+        b.server_args({"floor": 0.6, "ceiling": 1.0, "reject": True, "levels": [0.6, 1.0]}, OPTS, CFG, POL, set())
+
+
+def test_load_aware_levels_are_the_pareto_front_of_the_measured_accuracies_or_the_whole_grid():
+    v = b.variants_with_floor(0.6)
+    info = b.choose_load_aware_levels(v["load_aware"], {1.0: 0.328, 0.8: 0.2, 0.6: 0.205}, "pareto")
+    assert v["load_aware"] == {"floor": 0.6, "ceiling": 1.0, "reject": True, "levels": [0.6, 1.0]}
+    assert info["levels"] == [0.6, 1.0] and info["accuracy"] == {"0.6": 0.205, "0.8": 0.2, "1.0": 0.328}
+    args, _ = b.server_args(v["load_aware"], OPTS, CFG, POL | {"levels"}, set())
+    assert args["policy"]["levels"] == [0.6, 1.0]
+    # full budget no more accurate than 0.8: the ceiling comes down to 0.8 (the server requires it among the levels)
+    v = b.variants_with_floor(0.6)
+    b.choose_load_aware_levels(v["load_aware"], {1.0: 0.3, 0.8: 0.3, 0.6: 0.2}, "pareto")
+    assert v["load_aware"]["levels"] == [0.6, 0.8] and v["load_aware"]["ceiling"] == 0.8
+    assert b.choose_load_aware_levels(v["load_aware"], {}, "grid")["levels"] is None and "levels" not in v["load_aware"]
+    with pytest.raises(ValueError, match="need the accuracy at the floor 0.6"):
+        b.choose_load_aware_levels(b.variants_with_floor(0.6)["load_aware"], {1.0: 0.3, 0.5: 0.1}, "pareto")
+    assert b.build_parser().parse_args([]).load_aware_levels == "pareto"
     with pytest.raises(ValueError, match=r"lacks \['reject'\]"):
         b.server_args("full_shed", OPTS, CFG, POL - {"reject"}, set())
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from serve.autoscaling import OfferedRate, offered_demand_policy
 from serve.policy import (
-    EPS, LENGTH_MIN_SAMPLES, Choice, LatencyProfile, LengthModel, PolicyConfig, Slot, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
+    EPS, LENGTH_MIN_SAMPLES, Choice, LatencyProfile, LengthModel, PolicyConfig, Slot, pareto_levels, achievable_ms, admission, alone_ms, apply_caps, capacity_rps,
     choose_budget, decode_ms, drain_ms, edge_finish_ms, levels, may_prefill, plan_deadline, play, predicted_step_ms, prefill_ms, share, simulate, step_ms,
     update_contention,
 )  # fmt: skip
@@ -322,6 +322,45 @@ def test_a_floor_or_ceiling_within_the_tolerance_of_a_level_keeps_it():
     assert levels(p, PolicyConfig(floor=0.625 + EPS, ceiling=0.875 - EPS)) == [0.625, 0.75, 0.875]
     assert levels(p, PolicyConfig(floor=0.625 + 2 * EPS, ceiling=0.875 - 2 * EPS)) == [0.75]
     assert levels(p, PolicyConfig(floor=0.55, ceiling=0.6)) == [0.55]  # no grid level inside: the floor itself
+
+
+def test_levels_restrict_the_choice_to_the_budgets_given():
+    """Alone, 2 tokens, deadline 1.6 units: every budget b <= 0.8 makes it (2b units). Over the whole grid that is
+    0.75; with levels [0.5, 0.875, 1.0] (0.625 and 0.75 left out, say no more accurate than 0.5) it is 0.5."""
+    p = units()
+    assert choose_budget(p, CFG, 0, [], Slot(0, 2, 1.6 * U), []).budget == 0.75
+    cfg = PolicyConfig(floor=0.5, ceiling=1.0, slo_ms=3.5 * U, levels=[0.5, 0.875, 1.0]).check((0.5, 1.0))
+    assert levels(p, cfg) == [0.5, 0.875, 1.0]
+    assert choose_budget(p, cfg, 0, [], Slot(0, 2, 1.6 * U), []).budget == 0.5
+    assert choose_budget(p, cfg, 0, [], Slot(0, 2, 1.8 * U), []).budget == 0.875
+    assert cfg.check_levels(GRID) is cfg
+
+
+@pytest.mark.parametrize("levels_, message", [
+    ([0.5, 0.7, 1.2], "policy.levels [1.2] lie outside [floor, ceiling] = [0.5, 1]"),
+    ([0.75, 1.0], "must include the floor (0.5)"),
+    ([0.5, 0.75], "must include the ceiling (1)"),
+    ([], "must be a non-empty list of budgets or null"),
+    ("0.5,1.0", "must be a non-empty list of budgets or null"),
+])  # fmt: skip
+def test_levels_outside_floor_and_ceiling_or_without_them_are_refused_by_name(levels_, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PolicyConfig(floor=0.5, ceiling=1.0, levels=levels_).check((0.5, 1.0))
+
+
+def test_a_level_off_the_models_grid_is_refused_by_name():
+    cfg = PolicyConfig(floor=0.5, ceiling=1.0, levels=[0.5, 0.7, 1.0]).check((0.5, 1.0))
+    with pytest.raises(ValueError, match=re.escape("policy.levels: 0.7 is not on the model's budget grid")):
+        cfg.check_levels(GRID)
+
+
+def test_the_pareto_levels_drop_a_budget_no_more_accurate_than_a_cheaper_one():
+    # the smol checkpoint's accuracies (bench_serve_load capacity runs): 0.8 answers no better than 0.6
+    assert pareto_levels({1.0: 0.328, 0.8: 0.2, 0.6: 0.205}) == [0.6, 1.0]
+    assert pareto_levels({0.5: 0.1, 0.75: 0.1, 1.0: 0.3}) == [0.5, 1.0]  # a tie is no gain
+    assert pareto_levels({0.5: 0.1, 0.75: 0.2, 1.0: 0.3}) == [0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="accuracy at budget 0.8 is nan"):
+        pareto_levels({0.8: math.nan, 1.0: 0.3})
 
 
 # ---------------------------------------------------------------------------------------------------------- edge admission
