@@ -84,6 +84,11 @@ from dataclasses import dataclass
 EPS = 1e-9
 
 
+def _among(budget: float, values) -> bool:
+    """Is this budget one of `values` (a level list, the model's grid), within float noise (1e-6)?"""
+    return any(abs(budget - v) <= 1e-6 for v in values)
+
+
 @dataclass
 class PolicyConfig:
     floor: float = 0.5  # the lowest budget the server picks by itself (clients may ask for less)
@@ -138,14 +143,14 @@ class PolicyConfig:
                 raise ValueError(f"policy.levels {out} lie outside [floor, ceiling] = [{self.floor:g}, "
                                  f"{self.ceiling:g}]")  # fmt: skip
             for name in ("floor", "ceiling"):
-                if not any(abs(b - getattr(self, name)) <= 1e-6 for b in lv):
+                if not _among(getattr(self, name), lv):
                     raise ValueError(f"policy.levels {list(lv)} must include the {name} ({getattr(self, name):g})")
         return self
 
     def check_levels(self, grid: list[float]) -> "PolicyConfig":
         """policy.levels against the model's budget grid: a level the model cannot run as given is refused by name."""
         for b in self.levels or []:
-            if not any(abs(b - g) <= 1e-6 for g in grid):
+            if not _among(b, grid):
                 raise ValueError(f"policy.levels: {b:g} is not on the model's budget grid "
                                  f"{[round(g, 6) for g in grid]}")  # fmt: skip
         return self
@@ -368,7 +373,7 @@ def levels(profile: LatencyProfile, cfg: PolicyConfig) -> list[float]:
     it is set (the floor itself if none)."""
     inside = [b for b in profile.budgets if cfg.floor - EPS <= b <= cfg.ceiling + EPS]
     if cfg.levels is not None:
-        inside = [b for b in inside if any(abs(b - x) <= 1e-6 for x in cfg.levels)]
+        inside = [b for b in inside if _among(b, cfg.levels)]
     return inside or [cfg.floor]
 
 
