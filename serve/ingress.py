@@ -138,7 +138,7 @@ class OpenAIServer:
         success the request counts as in flight (the caller releases it)."""
         policy, p = self.cfg.policy, self.profile
         inflight = list(self.inflight.values())
-        # the achievable range at the predicted length (max_tokens until completions have been seen); admission below
+        # the achievable range at the predicted length (max_tokens until a completion has been seen); admission below
         # predicts one token for a request with nothing ahead of it until then (serve.policy.LengthModel)
         lo, hi = achievable_ms(p, policy, self.lengths.expect(parsed.max_tokens))
         if parsed.latency_ms is not None and parsed.latency_ms < lo:

@@ -121,11 +121,14 @@ def test_past_the_floor_429_comes_without_decoding_the_image():
 
 
 @pytest.mark.parametrize("quantile", [0.9, None])
-def test_admission_predicts_the_lengths_completions_have_had_not_max_tokens(quantile):
+@pytest.mark.parametrize("seen", [1, 16])
+def test_admission_predicts_the_lengths_completions_have_had_not_max_tokens(quantile, seen):
     """SLO 3.5 units, floor 0.5, one request in flight: a max_tokens=8 request behind it predicts 1 + 0.5 + 7 x 0.5 =
-    4.5 units at its worst case (refused), 1 + 0.5 = 1.5 once completions of 2 tokens have been seen (admitted).
-    length_quantile None keeps the worst case."""
+    4.5 units at its worst case (refused), 1 + 0.5 = 1.5 once completions of 2 tokens have been seen (admitted): after
+    one (the longest seen, before a quantile can be taken) as after 16. length_quantile None keeps the worst case."""
     from serve.policy import LENGTH_MIN_SAMPLES
+
+    assert seen == 1 or seen == LENGTH_MIN_SAMPLES
 
     async def main():
         backend = HeldBackend()
@@ -137,14 +140,15 @@ def test_admission_predicts_the_lengths_completions_have_had_not_max_tokens(quan
             assert r.status_code == 429 and len(decoded) == 1, r.text
             backend.release.set()  # every request now completes at once, with 2 tokens
             assert (await held).status_code == 200
-            for _ in range(LENGTH_MIN_SAMPLES - 1):
+            for _ in range(seen - 1):
                 assert (await c.post("/v1/chat/completions", json=with_image())).status_code == 200
+            assert len(srv.lengths.seen) == seen
             backend.release = asyncio.Event()  # hold again: one in flight, then the long one behind it
             held = asyncio.create_task(c.post("/v1/chat/completions", json=with_image()))
-            await until(lambda: len(backend.jobs) == LENGTH_MIN_SAMPLES + 1)
+            await until(lambda: len(backend.jobs) == seen + 1)
             long = asyncio.create_task(c.post("/v1/chat/completions", json=with_image(max_tokens=8)))
             if quantile:
-                await until(lambda: len(backend.jobs) == LENGTH_MIN_SAMPLES + 2)  # admitted, reached the model
+                await until(lambda: len(backend.jobs) == seen + 2)  # admitted, reached the model
                 assert not long.done()
             else:
                 assert (await long).status_code == 429

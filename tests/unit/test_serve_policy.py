@@ -478,13 +478,16 @@ def test_the_contention_factor_is_the_middle_of_an_odd_window_and_the_mean_of_th
     assert [update_contention(window, m, 1.0, CFG) for m in (5, 1, 4, 2, 3)] == [5, 3, 4, 3, 3]
 
 
-def test_lengths_are_max_tokens_until_enough_completions_then_their_quantile_capped_by_max_tokens():
+def test_lengths_are_max_tokens_then_the_longest_seen_then_their_quantile_capped_by_max_tokens():
     m = LengthModel(PolicyConfig(length_quantile=0.9, length_window=100))
-    for _ in range(LENGTH_MIN_SAMPLES - 1):
-        m.observe(2)
-    assert m.typical() is None and m.expect(16) == 16  # too few seen: the worst case
-    m.observe(2)
+    assert m.typical() is None and m.expect(16) == 16  # nothing seen: the worst case
+    for n in [2, 5] + [2] * (LENGTH_MIN_SAMPLES - 3):
+        m.observe(n)
+    assert m.typical() == 5 and m.expect(16) == 5 and m.expect(4) == 4  # too few for a quantile: the longest seen
+    assert m.remaining(16, 1) == 4 and m.remaining(16, 5) == 11  # the longest that ran past it; past all: worst case
+    m.observe(2)  # the 16th: the 0.9 quantile of fifteen 2s and one 5
     assert m.typical() == 2 and m.expect(16) == 2 and m.expect(1) == 1  # never above the request's own max_tokens
+    assert m.remaining(16, 1) == 1  # quantile of the lengths past 1 (fifteen 2s and a 5): 2, less 1
     for n in range(1, 101):  # 1..100: the window keeps the last 100, so the 0.9 quantile is 90
         m.observe(n)
     assert m.typical() == 90 and m.expect(16) == 16 and m.expect(200) == 90
