@@ -15,7 +15,10 @@ What it does, in order (every step is printed, everything lands in the JSON):
 2. Capacity per budget: for each static budget b in `--budgets` (floor = ceiling = b, queueing, no 429), a
    saturating closed loop (`--capacity-concurrency` requests always in flight, default 2 x max_batch_size) for
    `--capacity-warmup-s` + `--capacity-s`; C(b) = answers per second in the measured window (its two halves are
-   reported as a stability check: "stable" when within 20% of each other), acc(b) = accuracy of those answers.
+   reported as a stability check: "stable" when within 20% of each other); then, on the same deployment, every one of
+   the `--num-questions` is sent once (closed loop) and acc(b) = the accuracy over all of them, so every budget is
+   scored on the same questions (the window's own answers are whichever questions its loop reached, further down the
+   list at a faster budget; kept as accuracy_window; `--no-accuracy-pass` uses them instead).
 3. The feasibility bound (serving-review.md 2.5, without the "shedding is free" shortcut left implicit): a policy
    serves a fraction x_b of the offered requests at budget b (and refuses the rest); serving at b costs 1/C(b) seconds
    of the replica per request, so at offered rate lam: maximise sum_b x_b acc(b) subject to sum_b x_b <= 1 and
@@ -570,9 +573,17 @@ async def _closed_loop(spec, bodies):
         t0 = time.perf_counter()
         stop = t0 + spec["seconds"]
 
+        once = iter(range(len(bodies))) if spec.get("once") else None  # every question exactly once, then stop
+
         async def worker(w):
             k = w
-            while time.perf_counter() < stop:
+            while True:
+                if once is not None:
+                    k = next(once, None)
+                    if k is None:
+                        return
+                elif time.perf_counter() >= stop:
+                    return
                 rec = {"i": k % len(bodies), "t_start": time.perf_counter() - t0}
                 await _post(session, url, bodies[rec["i"]], rec)
                 rec["t_end"] = rec.pop("t_done") - t0
@@ -749,14 +760,32 @@ class Bench:
         first = sum(1 for r in win if r["t_end"] < half) / (a.capacity_s / 2)
         second = sum(1 for r in win if r["t_end"] >= half) / (a.capacity_s / 2)
         budgets = [r["budget"] for r in win if r.get("budget") is not None]
-        return {"budget": budget, "rps": len(win) / a.capacity_s, "rps_first_half": first, "rps_second_half": second,
-                # the two halves of the window within 20% of each other; else the figure is not a steady state
-                "stable": abs(first - second) <= 0.2 * max(first, second, 1e-9),
-                "accuracy": sum(r["correct"] for r in win) / len(win) if win else None, "answers": len(win),
-                "errors": sum(1 for r in recs if r["status"] != 200), "concurrency": a.capacity_concurrency,
-                "p50_ms": percentile([r["latency_ms"] for r in win], 50),
-                "mean_budget_seen": statistics.fmean(budgets) if budgets else None,
-                "loadavg_end": os.getloadavg()}  # fmt: skip
+        out = {"budget": budget, "rps": len(win) / a.capacity_s, "rps_first_half": first, "rps_second_half": second,
+               # the two halves of the window within 20% of each other; else the figure is not a steady state
+               "stable": abs(first - second) <= 0.2 * max(first, second, 1e-9),
+               "accuracy_window": sum(r["correct"] for r in win) / len(win) if win else None, "answers": len(win),
+               "errors": sum(1 for r in recs if r["status"] != 200), "concurrency": a.capacity_concurrency,
+               "p50_ms": percentile([r["latency_ms"] for r in win], 50),
+               "mean_budget_seen": statistics.fmean(budgets) if budgets else None,
+               "loadavg_end": os.getloadavg()}  # fmt: skip
+        out.update(self.accuracy_pass() if a.accuracy_pass else {"accuracy": out["accuracy_window"],
+                                                                  "accuracy_of": "the window's answers"})
+        return out
+
+    def accuracy_pass(self) -> dict:
+        """acc(b) on the same questions at every budget: each of the --num-questions sent once to the deployment
+        the capacity window just measured (closed loop, queueing, no 429). The window's own answers are whichever
+        questions its closed loop reached, and a faster budget reaches further down the list, so comparing their
+        accuracies across budgets would compare different questions."""
+        recs = self.client({"mode": "closed", "once": True, "seconds": 0, "concurrency": self.a.capacity_concurrency,
+                            "timeout_s": max(60.0, 20 * self.a.slo_ms / 1000)})  # fmt: skip
+        ok = [r for r in recs if r["status"] == 200]
+        if len(ok) != len(self.bodies):
+            codes = sorted({str(r.get("code") or r["status"]) for r in recs if r["status"] != 200})
+            raise SystemExit(f"bench_serve_load: the accuracy pass answered {len(ok)} of {len(self.bodies)} "
+                             f"questions (failures: {', '.join(codes)}); acc(b) would not cover every question")
+        return {"accuracy": sum(r["correct"] for r in ok) / len(ok), "accuracy_of": f"all {len(ok)} questions",
+                "accuracy_pass_s": max(r["t_end"] for r in ok)}  # fmt: skip
 
     def open_cell(self, phases, seed: int) -> tuple[list[dict], list[float]]:
         schedule = arrival_schedule(phases, seed)
@@ -807,6 +836,9 @@ def build_parser():
     p.add_argument("--capacities", nargs="+", default=None, metavar="B=RPS", help="with --url: known C(b), e.g. "
                    "1.0=30 0.5=40 (capacity is then not measured)")
     p.add_argument("--accuracies", nargs="+", default=None, metavar="B=ACC", help="with --url: acc(b) for the bound")
+    p.add_argument("--accuracy-pass", action=argparse.BooleanOptionalAction, default=True, help="after each "
+                   "capacity window, send every question once at that budget: acc(b) (the bound, the Pareto levels) "
+                   "then covers the same questions at every budget; --no-accuracy-pass uses the window's answers")
     p.add_argument("--step-phase-s", type=float, default=30.0, help="seconds per phase of the 1x -> 2x -> 1x step "
                    "(the last phase runs 1.5x as long); 0 skips the step run")
     p.add_argument("--server-cores", default="0", help="cores the Ray cluster and Serve app are pinned to")

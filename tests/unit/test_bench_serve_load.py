@@ -324,6 +324,19 @@ def test_merge_keeps_other_presets_and_prefers_smol_for_the_headline():
 
 
 # ---- the load client against a stub server on loopback (records, not timing)
+async def _stub_server(handler):
+    """An aiohttp app on a free loopback port answering POST /v1/chat/completions with `handler`: (runner, url)."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
 def test_open_loop_client_records_answers_refusals_and_unanswered():
     import asyncio
     import json
@@ -347,15 +360,9 @@ def test_open_loop_client_records_answers_refusals_and_unanswered():
     async def go():
         nonlocal release
         release = asyncio.Event()
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, url = await _stub_server(handler)
         bodies = [json.dumps({"messages": [{"role": "user", "content": k}]}).encode() for k in ("ok", "busy", "hang")]
-        spec = {"url": f"http://127.0.0.1:{port}", "schedule": [0.0, 0.01, 0.02, 0.03], "drain_s": 0.5,
+        spec = {"url": url, "schedule": [0.0, 0.01, 0.02, 0.03], "drain_s": 0.5,
                 "timeout_s": 10.0, "connections": 8}  # fmt: skip
         try:
             return await b._open_loop(spec, bodies)
@@ -373,6 +380,36 @@ def test_open_loop_client_records_answers_refusals_and_unanswered():
     assert all(r["latency_ms"] >= 0 and r["lag_ms"] is not None for r in recs)
     assert all(r["send_ms"] is not None for r in recs)  # every request reached the wire
     assert any(r["connect_ms"] is not None for r in recs)  # the first one opened a connection (after the warm-up GET's)
+
+
+def test_closed_loop_once_sends_every_question_exactly_once():
+    import asyncio
+    import json
+
+    from aiohttp import web
+
+    seen = []
+
+    async def handler(request):
+        q = (await request.json())["messages"][0]["content"]
+        seen.append(q)
+        await asyncio.sleep(0.01 * (int(q) % 3))  # uneven service times: workers finish out of step
+        return web.json_response({"choices": [{"message": {"content": q}}], "adallava": {"budget": 0.6}})
+
+    async def go():
+        runner, url = await _stub_server(handler)
+        bodies = [json.dumps({"messages": [{"role": "user", "content": str(k)}]}).encode() for k in range(7)]
+        spec = {"url": url, "once": True, "seconds": 0, "concurrency": 3, "timeout_s": 10.0,
+                "connections": 8}  # fmt: skip
+        try:
+            return await b._closed_loop(spec, bodies)
+        finally:
+            await runner.cleanup()
+
+    recs = asyncio.run(go())
+    assert sorted(r["i"] for r in recs) == list(range(7))  # all 7, none twice, although 7 is not a multiple of 3
+    assert sorted(seen) == sorted(str(k) for k in range(7))
+    assert all(r["status"] == 200 and r["text"] == str(r["i"]) for r in recs)
 
 
 def test_each_preset_plots_to_its_own_file_and_smol_keeps_the_headline_name():
