@@ -136,7 +136,8 @@ class PolicyConfig:
             raise ValueError(f"policy.headroom must be in [0, 1), got {self.headroom}")
         if self.levels is not None:
             lv = self.levels
-            if not (isinstance(lv, (list, tuple)) and lv and all(isinstance(b, (int, float)) for b in lv)):
+            number = lambda b: isinstance(b, (int, float)) and not isinstance(b, bool)  # noqa: E731 - True is not 1.0
+            if not (isinstance(lv, (list, tuple)) and lv and all(map(number, lv))):
                 raise ValueError(f"policy.levels must be a non-empty list of budgets or null, got {lv!r}")
             out = [b for b in lv if not self.floor - EPS <= b <= self.ceiling + EPS]
             if out:

@@ -342,6 +342,8 @@ def test_levels_restrict_the_choice_to_the_budgets_given():
     ([0.5, 0.75], "must include the ceiling (1)"),
     ([], "must be a non-empty list of budgets or null"),
     ("0.5,1.0", "must be a non-empty list of budgets or null"),
+    (0.5, "must be a non-empty list of budgets or null"),
+    ([0.5, True], "must be a non-empty list of budgets or null"),  # a YAML `true` is not the budget 1.0
 ])  # fmt: skip
 def test_levels_outside_floor_and_ceiling_or_without_them_are_refused_by_name(levels_, message):
     with pytest.raises(ValueError, match=re.escape(message)):
