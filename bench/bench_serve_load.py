@@ -37,6 +37,8 @@ What it does, in order (every step is printed, everything lands in the JSON):
    ceiling - 0.05 and stays there to the end of the run (target: 10 s; undecided when budgets never fell in the 2x
    phase, since then nothing had to recover). Beside it, the share of seconds at full budget in each phase
    (`full_share`): 1x is C(1.0), so Poisson bursts lower budgets now and then before the step as well.
+   `--step-base 0.8` runs it as 0.8x -> 1.6x -> 0.8x instead: the load the autoscaler sizes a replica for
+   (policy.target_utilization), where a recovery shows apart from a saturated replica's bursts.
 
 Metrics per cell (`summarize_cell`): offered, served, refused by code, unanswered, p50/p95/p99 of admitted (served)
 requests, SLO attainment = answers (200) within the SLO / offered, mean budget of served answers, accuracy of served
@@ -841,6 +843,9 @@ def build_parser():
                    "then covers the same questions at every budget; --no-accuracy-pass uses the window's answers")
     p.add_argument("--step-phase-s", type=float, default=30.0, help="seconds per phase of the 1x -> 2x -> 1x step "
                    "(the last phase runs 1.5x as long); 0 skips the step run")
+    p.add_argument("--step-base", type=float, default=1.0, help="the step's low load as a multiple of C(1.0) (its "
+                   "high phase is twice it): 1.0 is the issue's 1x -> 2x -> 1x; 0.8 (policy.target_utilization) is "
+                   "the load the autoscaler sizes a replica for")
     p.add_argument("--server-cores", default="0", help="cores the Ray cluster and Serve app are pinned to")
     p.add_argument("--client-cores", default="1", help="cores the load client is pinned to (taskset)")
     p.add_argument("--url", default=None, help="target a running server instead of starting one (client only)")
@@ -895,6 +900,7 @@ def main(argv=None):
     a.capacity_concurrency = a.capacity_concurrency or 2 * a.max_batch_size
     try:
         variants_with_floor(a.floor)
+        step_phases(1.0, a.step_phase_s, a.step_base)
     except ValueError as e:
         raise SystemExit(f"bench_serve_load: {e}") from None
     if a.url and not (a.variant and a.capacities):
@@ -1020,7 +1026,7 @@ def measure(bench: Bench, a) -> dict:
     if a.step_phase_s > 0 and not a.url:
         bench.deploy("load_aware", max_replicas=a.step_max_replicas or a.replicas)
         ph = a.step_phase_s
-        phases = [(ph, c_full), (ph, 2 * c_full), (1.5 * ph, c_full)]
+        phases = step_phases(c_full, ph, a.step_base)
         recs, _ = bench.open_cell(phases, a.seed + 424242)
         rows = per_second(recs, 3.5 * ph)
         ceiling = bench.variants_def["load_aware"]["ceiling"]
@@ -1033,13 +1039,14 @@ def measure(bench: Bench, a) -> dict:
         for name, (lo, hi) in windows.items():
             share, n = full_share(rows, lo, hi, ceiling)
             shares[name] = {"share": share, "seconds_with_answers": n}
-        res["step"] = {"phases": phases, "per_second": rows, "recovery_s": recovery, "loadavg": os.getloadavg(),
-                       "budgets_fell_in_2x": exercised, "full_budget_share": shares,
+        res["step"] = {"base": a.step_base, "phases": phases, "per_second": rows, "recovery_s": recovery,
+                       "loadavg": os.getloadavg(), "budgets_fell_in_2x": exercised, "full_budget_share": shares,
                        "engine": bench.engine_counters(),
                        "definition": "per-second mean budget of served answers (by scheduled arrival) >= ceiling - "
                                      "0.05 from then on"}  # fmt: skip
-        print(f"step 1x -> 2x -> 1x: budgets back to full {recovery if recovery is not None else 'never'} s after the "
-              f"drop (target 10 s)", flush=True)  # fmt: skip
+        low, high = f"{a.step_base:g}x", f"{2 * a.step_base:g}x"
+        print(f"step {low} -> {high} -> {low}: budgets back to full {recovery if recovery is not None else 'never'} s "
+              f"after the drop (target 10 s)", flush=True)  # fmt: skip
         print("  seconds at full budget (mean budget >= ceiling - 0.05, of seconds with answers): "
               + ", ".join(f"{k} {_f(v['share'], 2)} of {v['seconds_with_answers']}" for k, v in shares.items()),
               flush=True)  # fmt: skip
@@ -1052,6 +1059,15 @@ def measure(bench: Bench, a) -> dict:
     res["targets"] = evaluate_targets(res["cells"], a.slo_ms, recovery, se,
                                       step_exercised=res["step"] is None or res["step"]["budgets_fell_in_2x"])
     return res
+
+
+def step_phases(c_full: float, phase_s: float, base: float = 1.0) -> list[tuple[float, float]]:
+    """The step run's (seconds, req/s) phases: base x C(1.0), twice that, then base x C(1.0) again for 1.5 phases.
+    base 1.0 is the issue's 1x -> 2x -> 1x; base policy.target_utilization (0.8) is the load the autoscaler sizes a
+    replica for, where a recovery shows apart from the Poisson bursts of a replica run at its full capacity."""
+    if not (isinstance(base, (int, float)) and base > 0):
+        raise ValueError(f"--step-base must be > 0 (a multiple of C(1.0)), got {base!r}")
+    return [(phase_s, base * c_full), (phase_s, 2 * base * c_full), (1.5 * phase_s, base * c_full)]
 
 
 def _f(x, nd=3):

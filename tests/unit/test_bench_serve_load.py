@@ -266,6 +266,15 @@ def test_load_aware_levels_are_the_pareto_front_of_the_measured_accuracies_or_th
         b.server_args("full_shed", OPTS, CFG, POL - {"reject"}, set())
 
 
+def test_step_phases_are_base_twice_base_then_base_for_longer():
+    assert b.step_phases(2.0, 30.0) == [(30.0, 2.0), (30.0, 4.0), (45.0, 2.0)]  # the 1x -> 2x -> 1x
+    assert b.step_phases(2.0, 30.0, 0.8) == [(30.0, 1.6), (30.0, 3.2), (45.0, 1.6)]
+    assert b.build_parser().parse_args([]).step_base == 1.0
+    for bad in (0.0, -1.0, None):
+        with pytest.raises(ValueError, match="--step-base must be > 0"):
+            b.step_phases(2.0, 30.0, bad)
+
+
 def test_cores_are_parsed_and_overlap_or_missing_cores_refused():
     assert b.parse_cores("0-2,5") == [0, 1, 2, 5]
     b.check_cores([0], [1], {0, 1}, remote=False)
