@@ -399,9 +399,11 @@ def assemble_headline(preset: str, slo_ms: float, cells: dict, provisional: bool
     return h
 
 
-def evaluate_targets(cells: dict, slo_ms: float, recovery_s, stderr_full_05=None, step_exercised: bool = True):
+def evaluate_targets(cells: dict, slo_ms: float, recovery_s, stderr_full_05=None, step_exercised: bool = True,
+                     step_base: float = 1.0):  # fmt: skip
     """Issue 11's benchmark targets with measured values (medians over repeats) and met / missed / undecided (None).
-    step_exercised False: budgets never fell in the step's 2x phase, so a recovery time says nothing."""
+    step_exercised False: budgets never fell in the step's high phase, so a recovery time says nothing. step_base:
+    the step's low load (--step-base), named in its target."""
 
     def med(v, load, key):
         return cells.get(v, {}).get(load, {}).get("spread", {}).get(key, {}).get("median")
@@ -429,10 +431,11 @@ def evaluate_targets(cells: dict, slo_ms: float, recovery_s, stderr_full_05=None
         t["note"] = "full budget answers nothing correctly at 0.5x (a random-init model?): equality says nothing"
     out.append(t)
     met = None if recovery_s == "not run" or not step_exercised else (recovery_s is not None and recovery_s <= 10)
-    t = {"target": "step 1x -> 2x -> 1x: budgets back to full within 10 s", "measured_s": recovery_s, "bound_s": 10.0,
-         "met": met}
+    low, high = f"{step_base:g}x", f"{2 * step_base:g}x"
+    t = {"target": f"step {low} -> {high} -> {low}: budgets back to full within 10 s", "measured_s": recovery_s,
+         "bound_s": 10.0, "met": met}
     if not step_exercised:
-        t["note"] = "budgets never fell during the 2x phase: the recovery was not exercised"
+        t["note"] = f"budgets never fell during the {high} phase: the recovery was not exercised"
     out.append(t)
     return out
 
@@ -1057,7 +1060,8 @@ def measure(bench: Bench, a) -> dict:
     if p is not None and n:
         se = math.sqrt(p * (1 - p) / n)
     res["targets"] = evaluate_targets(res["cells"], a.slo_ms, recovery, se,
-                                      step_exercised=res["step"] is None or res["step"]["budgets_fell_in_2x"])
+                                      step_exercised=res["step"] is None or res["step"]["budgets_fell_in_2x"],
+                                      step_base=a.step_base)  # fmt: skip
     return res
 
 

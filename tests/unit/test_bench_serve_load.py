@@ -312,6 +312,9 @@ def test_targets_met_and_missed():
     assert b.evaluate_targets({}, 1000.0, "not run")[3]["met"] is None
     vacuous = b.evaluate_targets(cells(), 1000.0, 0.0, 0.02, step_exercised=False)[3]
     assert vacuous["met"] is None and "not exercised" in vacuous["note"]
+    assert t[3]["target"].startswith("step 1x -> 2x -> 1x")
+    sized = b.evaluate_targets(cells(), 1000.0, 4.0, 0.02, step_base=0.8)[3]
+    assert sized["target"].startswith("step 0.8x -> 1.6x -> 0.8x") and sized["met"] is True
     zero = b.evaluate_targets(cells(la=0.0, fq=0.0, fs=0.0, mb=0.0, la05=0.0, fq05=0.0), 1000.0, 4.0, 0.0)
     assert [x["met"] for x in zero] == [True, None, None, True]  # 0 >= 1.3 x 0 is no evidence either way
     assert "undefined" in zero[1]["note"] and "says nothing" in zero[2]["note"]
