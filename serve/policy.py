@@ -23,9 +23,10 @@ Lengths (`LengthModel`): a request's tokens (the engine's: an EOS takes a step t
 policy.length_quantile of the lengths of the last policy.length_window completions this process has seen, capped by its
 max_tokens (the longest seen until 16 were, max_tokens itself before the first, or with length_quantile None; before
 the first a request with nobody ahead or behind it is predicted at one token, so an idle server serves, and learns,
-even when the worst case would miss the SLO). Predicting every request at its max_tokens refuses work the server can do when answers are short. A running
-request's remaining tokens are the same quantile of the lengths that ran past what it has produced, less that (a
-request that outran the prediction is not one token from its end), at least one until its max_tokens.
+even when the worst case would miss the SLO). Predicting every request at its max_tokens refuses work the server can
+do when answers are short. A running request's remaining tokens are the same quantile of the lengths that ran past
+what it has produced, less that (a request that outran the prediction is not one token from its end), at least one
+until its max_tokens.
 
 The prefill gate (`may_prefill`). A prefill stalls every running row for its duration. A replica that prefills
 whatever waits before its rows' next decode lets a burst of joiners push a running request's next token out by up to
